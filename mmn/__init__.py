@@ -1,0 +1,1 @@
+"""Shared core of the MMN CVR pipeline: config, feature hashing, domain vocabulary, CLI."""
