@@ -197,6 +197,17 @@ class Spark:
 
 
 @dataclass(frozen=True)
+class Airflow:
+    schedule: str
+    start_date: str
+    retries: int
+    retry_delay_minutes: int
+    spark_timeout_minutes: int
+    train_timeout_minutes: int
+    parallelism: int
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The typed, validated pipeline config. ``raw`` keeps the merged mapping for hashing."""
 
@@ -213,6 +224,7 @@ class PipelineConfig:
     validation: Validation
     mlflow: Mlflow
     spark: Spark
+    airflow: Airflow
     source: Path
     raw: dict[str, Any] = field(repr=False, compare=False)
 
@@ -251,6 +263,11 @@ def load_config(
     _apply_overrides(data, _env_overrides(env))
     _apply_overrides(data, _parse_overrides(overrides))
     return _build(data, config_path)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str | os.PathLike[str] = "<bundle>") -> PipelineConfig:
+    """Build a config from an already-merged mapping (e.g. the copy shipped in a model)."""
+    return _build(copy.deepcopy(dict(data)), Path(source))
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -344,6 +361,7 @@ def _build(data: dict[str, Any], source: Path) -> PipelineConfig:
         validation=_dataclass_from(Validation, _section(data, "validation"), "validation"),
         mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow"),
         spark=_dataclass_from(Spark, _section(data, "spark"), "spark"),
+        airflow=_dataclass_from(Airflow, _section(data, "airflow"), "airflow"),
         source=source,
         raw=data,
     )

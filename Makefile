@@ -1,0 +1,60 @@
+# Two commands matter: `make demo` (the daily DAG on generated logs) and `make test`.
+# Both create .venv from the pinned requirements.lock when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MMN := $(BIN)/mmn
+
+.PHONY: help venv java demo test lint mlflow-ui airflow-ui backfill rollback serve clean
+
+help:
+	@echo "make demo        generate 3 days of logs and run the daily DAG for each (embedded mode)"
+	@echo "make test        run the test suite"
+	@echo "make mlflow-ui   open the MLflow UI on http://127.0.0.1:5000"
+	@echo "make airflow-ui  run Airflow standalone (UI on http://127.0.0.1:8080)"
+	@echo "make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD   queue a backfill (needs a scheduler)"
+	@echo "make rollback    point the champion alias back at the previous model"
+	@echo "make serve       serve models:/<name>@champion over HTTP on 127.0.0.1:5001"
+	@echo "make lint        ruff"
+
+java:
+	@scripts/check_java.sh
+
+$(STAMP): requirements.lock pyproject.toml
+	@scripts/check_java.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(MMN) demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+mlflow-ui: venv
+	$(MMN) mlflow-ui
+
+airflow-ui: venv
+	$(MMN) airflow standalone
+
+backfill: venv
+	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD"; exit 2; }
+	$(MMN) backfill --from-date $(FROM) --to-date $(TO)
+
+rollback: venv
+	$(MMN) rollback
+
+serve: venv
+	$(MMN) serve
+
+clean:
+	rm -rf data .airflow

@@ -1,0 +1,93 @@
+"""Daily MMN retrain: build the day's samples (Spark) -> validate (GX) -> train -> evaluate
+on the holdout day -> gate and promote to the ``champion`` alias (MLflow registry).
+
+The data interval is the previous day (CronDataIntervalTimetable); the impression day built
+is that day minus the label delay, so its conversions have landed. Manual triggers take
+validated params (date, model kind, window, gate overrides, dry run). All logic lives in
+``mmn.tasks``; this file only wires tasks together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from mmn.config import load_config
+from mmn.orchestration import champion_asset, daily_params, default_args, samples_asset
+from mmn.tasks import BUILD_JOB
+
+CFG = load_config()
+
+
+@dag(
+    dag_id="mmn_daily_retrain",
+    schedule=CronDataIntervalTimetable(CFG.airflow.schedule, timezone="UTC"),
+    start_date=pendulum.parse(CFG.airflow.start_date, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params=daily_params(CFG),
+    default_args=default_args(CFG),
+    tags=["mmn", "cvr", "daily"],
+    doc_md=__doc__,
+)
+def mmn_daily_retrain() -> None:
+    @task(retries=0)
+    def resolve_day(**context) -> str:
+        from mmn.tasks import resolve_day as resolve
+
+        return resolve(load_config(), context["params"].get("date"), context.get("data_interval_start"))
+
+    day = resolve_day()
+
+    build = SparkSubmitOperator(
+        task_id="build_samples",
+        conn_id="spark_default",
+        application=str(BUILD_JOB),
+        application_args=["--day", day, "--config", str(CFG.source)],
+        name="mmn-build-samples",
+        driver_memory=CFG.spark.driver_memory,
+        conf={"spark.sql.shuffle.partitions": str(CFG.spark.shuffle_partitions)},
+        execution_timeout=dt.timedelta(minutes=CFG.airflow.spark_timeout_minutes),
+        outlets=[samples_asset(CFG)],
+    )
+
+    @task(retries=0)
+    def validate(day: str) -> dict:
+        from mmn.tasks import validate_day
+
+        return validate_day(load_config(), day)
+
+    @task(execution_timeout=dt.timedelta(minutes=CFG.airflow.train_timeout_minutes))
+    def train(day: str, **context) -> str:
+        from mmn.tasks import train_day
+
+        params = context["params"]
+        return train_day(load_config(), day, model_kind=params["model_kind"],
+                         window_days=params["train_window_days"])
+
+    @task
+    def evaluate(day: str, run_id: str) -> dict:
+        from mmn.tasks import evaluate_day
+
+        return evaluate_day(load_config(), day, run_id)
+
+    @task(outlets=[champion_asset(CFG)])
+    def gate_and_promote(day: str, run_id: str, evaluation: dict, **context) -> dict:
+        from mmn.tasks import gate_day
+
+        params = context["params"]
+        return gate_day(load_config(), day, run_id, evaluation, dry_run=params["dry_run"],
+                        min_delta=params["min_delta"], floor=params["floor"])
+
+    validated = validate(day)
+    build >> validated
+    run_id = train(day)
+    validated >> run_id
+    gate_and_promote(day, run_id, evaluate(day, run_id))
+
+
+daily_retrain_dag = mmn_daily_retrain()

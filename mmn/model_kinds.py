@@ -1,0 +1,7 @@
+"""Names of the model kinds the trainer can build (the model zoo's keys).
+
+Kept apart from training.models so DAG params can list them without importing torch;
+tests/test_model_zoo.py checks the zoo registers exactly these.
+"""
+
+MODEL_KINDS: tuple[str, ...] = ("mmn", "mmn_common_only", "mmn_no_dynamic_weight", "dnn")

@@ -1,0 +1,465 @@
+"""The pipeline's steps, one function per DAG task, shared by the DAGs, the CLI and MLproject.
+
+Keeping the logic here (not in dags/) means the DAG files stay cheap to parse and the
+same code runs whether a step is triggered by Airflow, `mmn <stage>` or `mlflow run`.
+Heavy imports (torch, mlflow, pyspark, great_expectations) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmn.config import REPO_ROOT, PipelineConfig
+
+log = logging.getLogger(__name__)
+
+BUILD_JOB = REPO_ROOT / "spark_jobs" / "build_samples.py"
+EVAL_ARTIFACT = "evaluation/holdout_eval.json"
+
+
+# ---------------------------------------------------------------- which day, which window
+
+
+def parse_day(day: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(day)
+    except ValueError:
+        raise ValueError(f"day {day!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
+def resolve_day(cfg: PipelineConfig, explicit: str | None, interval_start: dt.datetime | None) -> str:
+    """The impression day a run builds: an explicit date, else the data interval's day
+    minus the label delay (that day's conversions have had time to arrive)."""
+    if explicit:
+        return parse_day(explicit).isoformat()
+    if interval_start is None:
+        raise ValueError("no date given and the run has no data interval")
+    return (interval_start.date() - dt.timedelta(days=cfg.windows.label_delay_days)).isoformat()
+
+
+def is_built(cfg: PipelineConfig, day: str) -> bool:
+    samples = cfg.paths.samples_dir(day)
+    return samples.is_dir() and any(samples.glob("*.parquet"))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Which days train the model and which rows are held out (holdout rule: latest day)."""
+
+    day: str
+    train_days: list[str]
+    missing_days: list[str]
+    cold_start: bool
+
+    @property
+    def description(self) -> str:
+        if self.cold_start:
+            return f"cold start: {self.day} split by impression_id hash"
+        return f"{self.train_days[0]}..{self.train_days[-1]} ({len(self.train_days)} days)"
+
+
+def training_plan(cfg: PipelineConfig, day: str, window_days: int | None = None) -> TrainingPlan:
+    k = window_days or cfg.windows.train_window_days
+    d = parse_day(day)
+    window = [(d - dt.timedelta(days=i)).isoformat() for i in range(k, 0, -1)]
+    built = [w for w in window if is_built(cfg, w)]
+    missing = [w for w in window if w not in built]
+    if not built:
+        return TrainingPlan(day, [day], missing, cold_start=True)
+    return TrainingPlan(day, built, missing, cold_start=False)
+
+
+# ---------------------------------------------------------------- build (Spark)
+
+
+def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
+    """The exact spark-submit invocation of the build job (used by CLI and tests)."""
+    return [
+        "spark-submit",
+        "--master", cfg.spark.master,
+        "--driver-memory", cfg.spark.driver_memory,
+        "--conf", f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}",
+        str(BUILD_JOB),
+        *build_job_args(cfg, day),
+    ]
+
+
+def build_job_args(cfg: PipelineConfig, day: str) -> list[str]:
+    return ["--day", day, "--config", str(cfg.source)]
+
+
+def build_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    """Run the Spark build job for ``day`` through spark-submit; returns its manifest."""
+    from mmn.airflow_env import airflow_env
+
+    env = {**os.environ, **_spark_env(airflow_env(cfg))}
+    proc = subprocess.run(spark_submit_command(cfg, day), env=env, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Spark build job for {day} failed (exit {proc.returncode}); see its log above")
+    return read_manifest(cfg, day)
+
+
+def _spark_env(env: dict[str, str]) -> dict[str, str]:
+    keys = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_LOCAL_IP", "PATH", "MMN_CONFIG")
+    return {k: env[k] for k in keys}
+
+
+def read_manifest(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    path = cfg.paths.manifest_path(day)
+    if not path.exists():
+        raise FileNotFoundError(f"no build manifest for {day} at {path}: run the build first")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- validate (GX)
+
+
+def validate_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    """Run the GX suite; raises ValidationFailed (task fails) on any error-level check."""
+    from validation.runner import validate_or_raise
+
+    report = validate_or_raise(cfg, day)
+    for warning in report.warnings:
+        log.warning("validation warning for %s: %s", day, warning)
+    return {
+        "day": day,
+        "success": report.success,
+        "rows": report.n_rows,
+        "warnings": len(report.warnings),
+        "data_docs": str(report.data_docs_index),
+    }
+
+
+# ---------------------------------------------------------------- MLflow helpers
+
+
+def setup_mlflow(cfg: PipelineConfig, experiment: str | None = None) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
+    name = experiment or cfg.mlflow.experiment
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        cfg.mlflow.artifact_root.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(name, artifact_location=(cfg.mlflow.artifact_root / name).as_uri())
+    else:
+        exp_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def vocab_lists(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    from mmn.vocab import load_vocab
+
+    types = load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values()
+    scenarios = load_vocab(cfg.paths.vocab_dir, cfg.domains.scenario_field).values()
+    if not types or not scenarios:
+        raise RuntimeError(f"domain vocabularies under {cfg.paths.vocab_dir} are empty: build a day first")
+    return types, scenarios
+
+
+def example_records(cfg: PipelineConfig, day: str, types: list[str], scenarios: list[str], n: int = 5) -> list[dict]:
+    """A few real, valid impression records of ``day`` (the model's logged input example)."""
+    wanted = [cfg.domains.type_field, cfg.domains.scenario_field, *(f.name for f in cfg.features)]
+    found: list[dict] = []
+    for path in sorted(cfg.paths.raw_dir("impressions", day).glob("*.jsonl*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get(wanted[0]) in types and rec.get(wanted[1]) in scenarios:
+                    found.append({k: rec.get(k) for k in wanted})
+                if len(found) >= n:
+                    return found
+    if not found:
+        raise RuntimeError(f"no valid raw impression found for {day} to use as the model's input example")
+    return found
+
+
+# ---------------------------------------------------------------- train
+
+
+def train_day(
+    cfg: PipelineConfig,
+    day: str,
+    *,
+    model_kind: str | None = None,
+    window_days: int | None = None,
+    experiment: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Train on the day's window, log the run and the serving model; returns the run id."""
+    import mlflow
+    import pandas as pd
+
+    from training.serving import ModelBundle, log_serving_model
+    from training.trainer import train
+
+    kind = model_kind or cfg.model.kind
+    plan = training_plan(cfg, day, window_days)
+    types, scenarios = vocab_lists(cfg)
+    setup_mlflow(cfg, experiment)
+    tags = {
+        "data_date": day,
+        "training_window": plan.description,
+        "model_kind": kind,
+        "git_commit": git_commit(),
+        "config_hash": cfg.config_hash(),
+        "dataset_manifest": str(cfg.paths.manifest_path(day)),
+        "ssim": "off",
+        "cold_start": str(plan.cold_start).lower(),
+        **(extra_tags or {}),
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=f"{kind} {day}", tags=tags) as run:
+        mlflow.log_params(_flat_params(cfg, kind, plan))
+        _log_day_inputs(cfg, day, plan)
+        result = train(
+            cfg,
+            plan.train_days,
+            model_kind=kind,
+            split="train" if plan.cold_start else None,
+            holdout_fraction=cfg.windows.cold_start_holdout_fraction,
+            checkpoint_dir=cfg.paths.reports_root / "checkpoints" / f"{kind}-{day}",
+            log_fn=lambda metrics, step: mlflow.log_metrics(_finite(metrics), step=step),
+        )
+        mlflow.log_metrics(_finite({
+            "train/samples_per_sec": result.samples_per_sec,
+            "train/steps": result.steps,
+            "model/n_params": sum(p.numel() for p in result.model.parameters()),
+            "model/n_domain_param_sets": result.model.n_domain_param_sets,
+        }))
+        bundle = ModelBundle(
+            config=cfg.raw, model_kind=kind, n_types=result.n_types, n_scenarios=result.n_scenarios,
+            types=types, scenarios=scenarios,
+        )
+        example = pd.DataFrame(example_records(cfg, day, types, scenarios))
+        info = log_serving_model(cfg, result.model, bundle, example)
+        mlflow.set_tag("model_uri", info.model_uri)
+        return run.info.run_id
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    import math
+
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def _flat_params(cfg: PipelineConfig, kind: str, plan: TrainingPlan) -> dict[str, Any]:
+    params: dict[str, Any] = {"model.kind": kind, "train_days": ",".join(plan.train_days)}
+    for section in ("model", "training"):
+        for key, value in cfg.raw[section].items():
+            params.setdefault(f"{section}.{key}", value)
+    params["features"] = ",".join(f.name for f in cfg.features)
+    return params
+
+
+def _log_day_inputs(cfg: PipelineConfig, day: str, plan: TrainingPlan) -> None:
+    """Attach the build manifests and the day's validation results / Data Docs to the run."""
+    import mlflow
+
+    for d in sorted({*plan.train_days, day}):
+        manifest = cfg.paths.manifest_path(d)
+        if manifest.exists():
+            mlflow.log_artifact(str(manifest), artifact_path="manifests")
+    results = cfg.paths.validation_dir(day)
+    if results.is_dir():
+        mlflow.log_artifacts(str(results), artifact_path="validation")
+    docs = cfg.paths.reports_root / "data_docs"
+    if docs.is_dir():
+        mlflow.log_artifacts(str(docs), artifact_path="data_docs")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
+    """Score the challenger and the current champion on the same holdout; log both."""
+    import mlflow
+
+    from training.plots import log_domain_plots
+    from training.registry import CHAMPION, alias_version, client_for
+    from training.serving import load_serving_model
+
+    setup_mlflow(cfg)
+    # The holdout must match what training left out: the run records whether it split day D.
+    cold_start = mlflow.get_run(run_id).data.tags.get("cold_start") == "true"
+    challenger = load_serving_model(f"runs:/{run_id}/model")
+    challenger_metrics, table = _score(cfg, challenger, day, cold_start)
+    client = client_for(cfg)
+    champion_version = alias_version(client, cfg.mlflow.registered_model, CHAMPION)
+    champion_metrics, champion_note = None, "no champion yet"
+    if champion_version is not None:
+        champion = load_serving_model(f"models:/{cfg.mlflow.registered_model}@{CHAMPION}")
+        reason = _incompatibility(cfg, champion)
+        if reason:
+            champion_note = f"champion v{champion_version} not comparable: {reason}"
+        else:
+            champion_metrics, _ = _score(cfg, champion, day, cold_start)
+            champion_note = f"champion v{champion_version} scored on the same holdout"
+    conversions = _domain_conversions(table)
+    result = {
+        "day": day,
+        "run_id": run_id,
+        "holdout": "split" if cold_start else "day",
+        "challenger": challenger_metrics,
+        "champion": champion_metrics,
+        "champion_version": champion_version,
+        "champion_note": champion_note,
+        "conversions": conversions,
+    }
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(_finite({f"holdout/{k}": v for k, v in challenger_metrics.items()}))
+        if champion_metrics:
+            mlflow.log_metrics(_finite({f"champion_holdout/{k}": v for k, v in champion_metrics.items()}))
+        undefined = sorted(k for k, v in challenger_metrics.items() if v is None)
+        mlflow.set_tag("holdout.undefined_metrics", ",".join(undefined)[:4900] or "none")
+        mlflow.log_dict(result, EVAL_ARTIFACT)
+        mlflow.log_table(table, "evaluation/per_domain.json")
+        log_domain_plots(challenger_metrics, table, types=challenger.bundle.types,
+                         scenarios=challenger.bundle.scenarios)
+    return result
+
+
+def _score(cfg: PipelineConfig, serving: Any, day: str, cold_start: bool) -> tuple[dict, Any]:
+    from training.metrics import evaluate
+
+    return evaluate(
+        serving.model,
+        cfg,
+        [day],
+        vocab_types=serving.bundle.types,
+        vocab_scenarios=serving.bundle.scenarios,
+        split="holdout" if cold_start else None,
+        holdout_fraction=cfg.windows.cold_start_holdout_fraction,
+        return_table=True,
+    )
+
+
+def _incompatibility(cfg: PipelineConfig, champion: Any) -> str | None:
+    """Why the champion can't score today's hashed rows (feature or hashing changes)."""
+    if [vars(f) for f in champion.cfg.features] != [vars(f) for f in cfg.features]:
+        return "feature fields or buckets changed"
+    if champion.cfg.hashing != cfg.hashing:
+        return "hashing changed"
+    return None
+
+
+def _domain_conversions(table: Any) -> dict[str, int]:
+    """Holdout conversions per type and per scenario, keyed like the gate's metrics."""
+    counts: dict[str, int] = {}
+    for axis, column in (("type", "type"), ("scenario", "scenario")):
+        for name, n in table.groupby(column)["n_conversions"].sum().items():
+            counts[f"cvr_auc_{axis}/{name}"] = int(n)
+    return counts
+
+
+# ---------------------------------------------------------------- gate and promote
+
+
+def gate_day(
+    cfg: PipelineConfig,
+    day: str,
+    run_id: str,
+    evaluation: dict[str, Any],
+    *,
+    dry_run: bool = False,
+    min_delta: float | None = None,
+    floor: float | None = None,
+) -> dict[str, Any]:
+    """Apply the holdout gate; register the version and move ``champion`` when it passes."""
+    import dataclasses
+    import tempfile
+
+    import mlflow
+
+    from training.registry import client_for, decide, promote, record_decision, register, write_gate_report
+
+    gate = dataclasses.replace(
+        cfg.gate,
+        min_delta=cfg.gate.min_delta if min_delta is None else float(min_delta),
+        floor=cfg.gate.floor if floor is None else float(floor),
+    )
+    decision = decide(
+        gate, evaluation["challenger"], evaluation["champion"], evaluation["conversions"],
+        champion_version=evaluation["champion_version"],
+    )
+    setup_mlflow(cfg)
+    client = client_for(cfg)
+    name = cfg.mlflow.registered_model
+    version = None
+    with mlflow.start_run(run_id=run_id):
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_gate_report(decision, Path(tmp)):
+                mlflow.log_artifact(str(path), artifact_path="gate")
+        mlflow.set_tags({
+            "gate.decision": ("promoted" if decision.promote else "rejected") if not dry_run else "dry_run",
+            "gate.reason": decision.reason[:4900],
+        })
+    if not dry_run:
+        model_uri = client.get_run(run_id).data.tags["model_uri"]
+        version = register(client, name, model_uri, run_id, {"data_date": day, "run_id": run_id})
+        record_decision(client, name, version, decision)
+        if decision.promote:
+            promote(client, name, version)
+    outcome = "dry_run" if dry_run else ("promoted" if decision.promote else "rejected")
+    log.info("gate for %s: %s (%s)", day, outcome, decision.reason)
+    summary = {
+        "day": day,
+        "decision": outcome,
+        "would_promote": decision.promote,
+        "reason": decision.reason,
+        "version": version,
+        "metric": decision.metric,
+        "challenger": decision.challenger_score,
+        "champion": decision.champion_score,
+        "champion_version": decision.champion_version,
+        "run_id": run_id,
+    }
+    summary_path = cfg.paths.reports_root / "gate" / f"{day}.json"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+# ---------------------------------------------------------------- without Airflow
+
+
+def run_day(cfg: PipelineConfig, day: str, *, model_kind: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Every step for one day in this process (what the DAG does, minus the scheduler)."""
+    build_day(cfg, day)
+    validate_day(cfg, day)
+    run_id = train_day(cfg, day, model_kind=model_kind)
+    evaluation = evaluate_day(cfg, day, run_id)
+    return gate_day(cfg, day, run_id, evaluation, dry_run=dry_run)
+
+
+def load_evaluation(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
+    """The evaluation an earlier `evaluate` step logged on the run (for a gate run by hand)."""
+    import mlflow
+
+    setup_mlflow(cfg)
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{EVAL_ARTIFACT}")
