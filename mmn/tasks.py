@@ -148,6 +148,9 @@ def setup_mlflow(cfg: PipelineConfig, experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
     name = experiment or cfg.mlflow.experiment
+    if os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run`, the project's run already fixes the experiment.
+        return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
     found = mlflow.get_experiment_by_name(name)
     if found is None:
         cfg.mlflow.artifact_root.mkdir(parents=True, exist_ok=True)

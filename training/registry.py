@@ -159,7 +159,7 @@ def decide(
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     """The version an alias points at, or None when the model or alias doesn't exist."""
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
