@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import MutableMapping
 
 from mmn.config import REPO_ROOT, PipelineConfig
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mmn.config import PipelineConfig, load_config
 

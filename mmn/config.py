@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -237,7 +238,7 @@ class PipelineConfig:
         canonical = json.dumps(self.raw, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
-    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> "PipelineConfig":
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> PipelineConfig:
         """A copy with ``section.key=value`` overrides applied (validated again)."""
         merged = copy.deepcopy(self.raw)
         _apply_overrides(merged, _parse_overrides(overrides))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import xxhash
 

@@ -303,6 +303,7 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
     """Score the challenger and the current champion on the same holdout; log both."""
     import mlflow
 
+    from training.metrics import gate_conversions
     from training.plots import log_domain_plots
     from training.registry import CHAMPION, alias_version, client_for
     from training.serving import load_serving_model
@@ -317,13 +318,13 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
     champion_metrics, champion_note = None, "no champion yet"
     if champion_version is not None:
         champion = load_serving_model(f"models:/{cfg.mlflow.registered_model}@{CHAMPION}")
-        reason = _incompatibility(cfg, champion)
+        reason = _incompatibility(cfg, champion, *vocab_lists(cfg))
         if reason:
             champion_note = f"champion v{champion_version} not comparable: {reason}"
         else:
             champion_metrics, _ = _score(cfg, champion, day, cold_start)
             champion_note = f"champion v{champion_version} scored on the same holdout"
-    conversions = _domain_conversions(table)
+    conversions = gate_conversions(challenger_metrics)
     result = {
         "day": day,
         "run_id": run_id,
@@ -335,9 +336,9 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
         "conversions": conversions,
     }
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(_finite({f"holdout/{k}": v for k, v in challenger_metrics.items()}))
+        mlflow.log_metrics(_finite({f"holdout/{k}": v for k, v in _loggable(challenger_metrics).items()}))
         if champion_metrics:
-            mlflow.log_metrics(_finite({f"champion_holdout/{k}": v for k, v in champion_metrics.items()}))
+            mlflow.log_metrics(_finite({f"champion_holdout/{k}": v for k, v in _loggable(champion_metrics).items()}))
         undefined = sorted(k for k, v in challenger_metrics.items() if v is None)
         mlflow.set_tag("holdout.undefined_metrics", ",".join(undefined)[:4900] or "none")
         mlflow.log_dict(result, EVAL_ARTIFACT)
@@ -348,36 +349,34 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
 
 
 def _score(cfg: PipelineConfig, serving: Any, day: str, cold_start: bool) -> tuple[dict, Any]:
-    from training.metrics import evaluate
+    """Holdout metrics and the per-domain table of one model (one prediction pass)."""
+    from training.metrics import metrics_from_predictions, per_domain_table, predict_rows
 
-    return evaluate(
-        serving.model,
-        cfg,
-        [day],
-        vocab_types=serving.bundle.types,
-        vocab_scenarios=serving.bundle.scenarios,
+    predictions = predict_rows(
+        serving.model, cfg, [day],
         split="holdout" if cold_start else None,
         holdout_fraction=cfg.windows.cold_start_holdout_fraction,
-        return_table=True,
     )
+    if predictions.empty:
+        raise ValueError(f"the holdout of {day} has no rows")
+    types, scenarios = serving.bundle.types, serving.bundle.scenarios
+    return metrics_from_predictions(predictions, types, scenarios), per_domain_table(predictions, types, scenarios)
 
 
-def _incompatibility(cfg: PipelineConfig, champion: Any) -> str | None:
-    """Why the champion can't score today's hashed rows (feature or hashing changes)."""
+def _incompatibility(cfg: PipelineConfig, champion: Any, types: list[str], scenarios: list[str]) -> str | None:
+    """Why the champion can't score today's rows: changed hashing/features, or new domains."""
     if [vars(f) for f in champion.cfg.features] != [vars(f) for f in cfg.features]:
         return "feature fields or buckets changed"
     if champion.cfg.hashing != cfg.hashing:
         return "hashing changed"
+    if len(types) > champion.model.n_types or len(scenarios) > champion.model.n_scenarios:
+        return "new conversion types or scenarios appeared since it was trained"
     return None
 
 
-def _domain_conversions(table: Any) -> dict[str, int]:
-    """Holdout conversions per type and per scenario, keyed like the gate's metrics."""
-    counts: dict[str, int] = {}
-    for axis, column in (("type", "type"), ("scenario", "scenario")):
-        for name, n in table.groupby(column)["n_conversions"].sum().items():
-            counts[f"cvr_auc_{axis}/{name}"] = int(n)
-    return counts
+def _loggable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Headline and per-type/scenario metrics; per-domain counts go to the table artifact."""
+    return {k: v for k, v in metrics.items() if "_domain/" not in k}
 
 
 # ---------------------------------------------------------------- gate and promote

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 class VocabularyError(ValueError):
@@ -52,7 +52,7 @@ class Vocabulary:
         return {"name": self.name, "values": self.values()}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> "Vocabulary":
+    def from_json(cls, data: dict[str, object]) -> Vocabulary:
         values = list(data["values"])  # type: ignore[arg-type]
         return cls(str(data["name"]), {v: i for i, v in enumerate(values)})
 

@@ -6,7 +6,7 @@ scenario CVR AUC as a heatmap (blank cells: the domain had no clicks or a single
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import matplotlib
 

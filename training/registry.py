@@ -9,9 +9,10 @@ tolerance. Every decision is written to the model version's tags and to a gate r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -51,7 +52,7 @@ class GateDecision:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for row, comparison in zip(data["domains"], self.domains):
+        for row, comparison in zip(data["domains"], self.domains, strict=True):
             row["delta"] = comparison.delta
         return data
 

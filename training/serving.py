@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ class ModelBundle:
         return json.dumps({"format": BUNDLE_FORMAT, **self.__dict__}, indent=1, default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelBundle":
+    def from_json(cls, text: str) -> ModelBundle:
         data = json.loads(text)
         if data.pop("format", None) != BUNDLE_FORMAT:
             raise ValueError("unsupported model bundle format")
@@ -67,7 +68,7 @@ class ServingModel:
         self.scenario_ids = {v: i for i, v in enumerate(bundle.scenarios)}
 
     @classmethod
-    def load(cls, bundle_path: Path, weights_path: Path) -> "ServingModel":
+    def load(cls, bundle_path: Path, weights_path: Path) -> ServingModel:
         from training.models import build_model
 
         bundle = ModelBundle.from_json(Path(bundle_path).read_text())
