@@ -178,6 +178,7 @@ class Validation:
     row_count_tolerance: float
     max_quarantine_share: float
     drift_tolerance: float
+    drift_error_factor: float
     drift_min_clicks: int
 
 

@@ -126,9 +126,7 @@ def validate_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
     """Run the GX suite; raises ValidationFailed (task fails) on any error-level check."""
     from validation.runner import validate_or_raise
 
-    report = validate_or_raise(cfg, day)
-    for warning in report.warnings:
-        log.warning("validation warning for %s: %s", day, warning)
+    report = validate_or_raise(cfg, day)  # logs its own warnings
     return {
         "day": day,
         "success": report.success,

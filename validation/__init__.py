@@ -1,0 +1,22 @@
+"""Great Expectations guard for the daily samples partition (errors stop training)."""
+
+from validation.runner import (
+    FailedCheck,
+    ValidationFailed,
+    ValidationReport,
+    main,
+    validate_day,
+    validate_or_raise,
+)
+from validation.suite import build_manifest_suite, build_suite
+
+__all__ = [
+    "FailedCheck",
+    "ValidationFailed",
+    "ValidationReport",
+    "build_manifest_suite",
+    "build_suite",
+    "main",
+    "validate_day",
+    "validate_or_raise",
+]
