@@ -1,0 +1,152 @@
+"""The fast auto-masking forward must compute exactly what the naive reference computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmn.config import load_config
+from mmn.model_kinds import MODEL_KINDS
+from training.models import MMN, available_models, build_model, loss_config
+from training.models import mmn as mmn_module
+
+N_TYPES, N_SCENARIOS = 4, 3
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waits under contention
+    make multi-threaded tiny ops ~10x slower; results match up to float rounding."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(overrides={"model.ctr_hidden": [16, 8], "model.cvr_hidden": [32, 16, 8],
+                                  "model.embedding_dim": 4})
+
+
+def _model(cfg, domain_params: str, seed: int = 0) -> MMN:
+    torch.manual_seed(seed)
+    model = MMN.from_config(cfg, N_TYPES, N_SCENARIOS, domain_params=domain_params)
+    with torch.no_grad():  # domain deltas start at zero; make every parameter set matter
+        for p in model.cvr_tower.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _batch(cfg, n: int = 96, seed: int = 1):
+    """Mixed batch where type 2, scenario 1 and several (type, scenario) pairs are absent."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.stack([torch.randint(0, f.cardinality, (n,), generator=g) for f in cfg.features], 1)
+    types = torch.tensor([0, 1, 3])[torch.randint(0, 3, (n,), generator=g)]
+    scenarios = torch.tensor([0, 2])[torch.randint(0, 2, (n,), generator=g)]
+    scenarios[types == 3] = 0  # (3, 2) absent too
+    return feats, types, scenarios
+
+
+def _outputs_and_grads(model: MMN, fn, feats, types, scenarios, weights):
+    model.zero_grad(set_to_none=False)
+    p_ctr, p_cvr = fn(feats, types, scenarios)
+    loss = (weights[0] * p_ctr).sum() + (weights[1] * torch.log(p_cvr)).sum()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return p_ctr.detach(), p_cvr.detach(), grads
+
+
+@pytest.mark.parametrize("domain_params", ["full", "common_only"])
+@pytest.mark.parametrize("dense_max", [0, 1024, 10**9])  # all grouped / default mix / all dense
+def test_fast_forward_matches_naive(cfg, domain_params, dense_max, monkeypatch):
+    monkeypatch.setattr(mmn_module, "DENSE_MAX_ELEMS", dense_max)
+    model = _model(cfg, domain_params)
+    feats, types, scenarios = _batch(cfg)
+    weights = torch.rand(2, feats.shape[0], generator=torch.Generator().manual_seed(3))
+    fast = _outputs_and_grads(model, model.forward, feats, types, scenarios, weights)
+    naive = _outputs_and_grads(model, model.forward_naive, feats, types, scenarios, weights)
+    torch.testing.assert_close(fast[0], naive[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], naive[1], atol=1e-5, rtol=1e-5)
+    assert fast[2].keys() == naive[2].keys()
+    for name in fast[2]:
+        torch.testing.assert_close(fast[2][name], naive[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    if domain_params == "full":  # absent type 2 / scenario 1 got exactly zero gradient
+        assert torch.count_nonzero(fast[2]["cvr_tower.weight_type.0"][2]) == 0
+        assert torch.count_nonzero(fast[2]["cvr_tower.weight_scenario.0"][1]) == 0
+        assert torch.count_nonzero(fast[2]["cvr_tower.weight_type.0"][0]) > 0
+
+
+def test_domains_get_different_towers(cfg):
+    model = _model(cfg, "full").eval()
+    feats, _, _ = _batch(cfg, n=8)
+    outs = {(t, s): model.predict_domain(feats, t, s)[1] for t in range(N_TYPES) for s in range(N_SCENARIOS)}
+    assert not torch.allclose(outs[(0, 0)], outs[(1, 0)])
+    assert not torch.allclose(outs[(0, 0)], outs[(0, 1)])
+
+
+@pytest.mark.parametrize("domain_params", ["full", "common_only"])
+def test_predict_domain_equals_forward_rows(cfg, domain_params):
+    model = _model(cfg, domain_params).eval()
+    feats, types, scenarios = _batch(cfg)
+    with torch.no_grad():
+        p_ctr, p_cvr = model(feats, types, scenarios)
+    for t, s in {(int(a), int(b)) for a, b in zip(types, scenarios, strict=True)}:
+        rows = (types == t) & (scenarios == s)
+        got_ctr, got_cvr = model.predict_domain(feats[rows], t, s)
+        torch.testing.assert_close(got_ctr, p_ctr[rows], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_cvr, p_cvr[rows], atol=1e-6, rtol=1e-5)
+    single_ctr, single_cvr = model.predict_domain(feats[0], int(types[0]), int(scenarios[0]))
+    assert single_cvr.shape == (1,)
+    torch.testing.assert_close(single_cvr[0], p_cvr[0], atol=1e-6, rtol=1e-5)
+
+
+def test_predict_cache_tracks_weight_changes(cfg):
+    model = _model(cfg, "full").eval()
+    feats, types, scenarios = _batch(cfg, n=16)
+    before = model.predict_domain(feats, 1, 2)[1]
+    # An optimizer step (in-place, no train() call) must not be served from a stale cache.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(feats, torch.full_like(types, 1), torch.full_like(scenarios, 2))[1].sum().backward()
+    opt.step()
+    after_step = model.predict_domain(feats, 1, 2)[1]
+    with torch.no_grad():
+        expected = model(feats, torch.full_like(types, 1), torch.full_like(scenarios, 2))[1]
+    assert not torch.allclose(before, after_step)
+    torch.testing.assert_close(after_step, expected, atol=1e-6, rtol=1e-5)
+    other = _model(cfg, "full", seed=7)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(model.predict_domain(feats, 1, 2)[1],
+                               other.eval().predict_domain(feats, 1, 2)[1])
+    with pytest.raises(ValueError, match="type_id"):
+        model.predict_domain(feats, N_TYPES, 0)
+
+
+def test_zoo_kinds_and_parameter_sets(cfg):
+    assert set(available_models()) == set(MODEL_KINDS)
+    feats, types, scenarios = _batch(cfg, n=10)
+    expected_sets = {"mmn": N_TYPES + N_SCENARIOS + 1, "mmn_no_dynamic_weight": N_TYPES + N_SCENARIOS + 1,
+                     "mmn_common_only": 1, "dnn": 1}
+    for kind, n_sets in expected_sets.items():
+        model = build_model(cfg, N_TYPES, N_SCENARIOS, kind)
+        assert model.kind == kind and model.n_domain_param_sets == n_sets
+        assert loss_config(cfg, model).dynamic_weight == (kind != "mmn_no_dynamic_weight")
+        p_ctr, p_cvr = model(feats, types, scenarios)
+        assert p_ctr.shape == p_cvr.shape == (10,)
+        assert ((p_cvr > 0) & (p_cvr < 1)).all()
+        rebuilt = build_model(cfg, N_TYPES, N_SCENARIOS, model.kind)
+        rebuilt.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="max_types"):
+        build_model(cfg, cfg.domains.max_types + 1, 2)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        build_model(cfg, 2, 2, "nope")
+
+
+def test_embedding_rejects_out_of_range_ids(cfg):
+    model = build_model(cfg, N_TYPES, N_SCENARIOS, "mmn")
+    feats, types, scenarios = _batch(cfg, n=4)
+    with pytest.raises(ValueError, match="conversion_type"):
+        model(feats, torch.full_like(types, N_TYPES), scenarios)
+    bad = feats.clone()
+    bad[0, 0] = cfg.features[0].cardinality
+    with pytest.raises(ValueError, match=cfg.features[0].name):
+        model(bad, types, scenarios)

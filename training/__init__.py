@@ -1,0 +1,1 @@
+"""Training side of the MMN CVR pipeline: layers, models, losses, data, metrics, trainer."""

@@ -1,0 +1,63 @@
+"""The interface every CVR model implements, so trainer, evaluator and serving stay generic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CVRModel(nn.Module):
+    """Maps (features, type_id, scenario_id) to (p_ctr, p_cvr), each of shape [B].
+
+    Subclasses implement ``forward``; ``predict_domain`` serves requests that all belong to
+    one known domain. ``kind`` is the zoo name that rebuilds the model from the same config
+    (``build_model`` sets it), and ``loss_overrides`` holds the ``cfg.model`` loss settings a
+    kind pins whatever the config says (e.g. an ablation without dynamic weights).
+    """
+
+    kind: str = "abstract"
+
+    def __init__(self, n_types: int, n_scenarios: int) -> None:
+        super().__init__()
+        self.loss_overrides: dict[str, Any] = {}
+        if n_types < 1 or n_scenarios < 1:
+            raise ValueError(f"need >= 1 type and scenario, got {n_types} x {n_scenarios}")
+        self.n_types = int(n_types)
+        self.n_scenarios = int(n_scenarios)
+
+    @property
+    def n_domain_param_sets(self) -> int:
+        """Number of separately learned CVR parameter sets (1 for a single shared tower)."""
+        return 1
+
+    def forward(  # pragma: no cover - abstract
+        self, features: torch.Tensor, type_id: torch.Tensor, scenario_id: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def domain_tensors(
+        self, features: torch.Tensor, type_id: int, scenario_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate one domain and expand it to per-row id tensors on the model's device."""
+        if not 0 <= int(type_id) < self.n_types:
+            raise ValueError(f"type_id {type_id} outside the model's [0, {self.n_types})")
+        if not 0 <= int(scenario_id) < self.n_scenarios:
+            raise ValueError(f"scenario_id {scenario_id} outside [0, {self.n_scenarios})")
+        device = next(self.parameters()).device
+        features = torch.as_tensor(features, dtype=torch.long, device=device)
+        if features.dim() == 1:
+            features = features.unsqueeze(0)
+        n = features.shape[0]
+        t = torch.full((n,), int(type_id), dtype=torch.long, device=device)
+        s = torch.full((n,), int(scenario_id), dtype=torch.long, device=device)
+        return features, t, s
+
+    @torch.no_grad()
+    def predict_domain(
+        self, features: torch.Tensor, type_id: int, scenario_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_ctr, p_cvr) for rows that all belong to domain (type_id, scenario_id)."""
+        feats, t, s = self.domain_tensors(features, type_id, scenario_id)
+        return self.forward(feats, t, s)

@@ -1,0 +1,256 @@
+"""MMN, the Masked Multi-domain Network (Ouyang et al., CIKM'23).
+
+A shared embedding feeds a CTR tower and a CVR tower whose every layer (weights and
+biases, output layer included) is composed per domain:
+``theta(t, s) = theta_shared + theta_type[t] + theta_scenario[s]``, so N_t + N_s + 1
+parameter sets serve N_t x N_s domains. Auto-masking routes each instance through its
+own domain's composed tower only.
+
+``forward_naive`` is the paper's literal formulation (every instance through all
+N_t x N_s towers, multiplied by one-hot domain masks, summed): the reference.
+``forward`` computes the same function exactly, using linearity of the composition:
+``h @ W(t, s) = h @ W_shared + h @ W_type[t] + h @ W_scenario[s]``; the shared term is
+one matmul over the batch, the type and scenario terms are grouped matmuls over the
+rows of each present type / scenario (rows sorted by group once per forward, one
+contiguous matmul per present group, see ``grouped.py``), and tiny layers (the 1-unit
+output) multiply by every group's weights at once and select with the one-hot mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmn.config import PipelineConfig
+from training.layers import FeatureEmbedding, ProbabilityTower
+from training.models.base import CVRModel
+from training.models.grouped import GroupPlan
+from training.models.zoo import register_model
+
+DOMAIN_PARAMS = ("full", "common_only")
+# Layers with in*out at most this use the dense one-hot path (G times the flops, no
+# per-group dispatch); larger ones use grouped matmuls. With the configured towers only
+# the 1-unit output layer qualifies.
+DENSE_MAX_ELEMS = 1024
+
+Layer = tuple[torch.Tensor, torch.Tensor]
+
+
+class ComposedTower(nn.Module):
+    """An MLP (ReLU, 1-unit logit output) whose parameters are composed per domain."""
+
+    def __init__(self, dims: Sequence[int], n_types: int, n_scenarios: int,
+                 domain_specific: bool = True) -> None:
+        super().__init__()
+        self.dims = [int(d) for d in dims]
+        if len(self.dims) < 2 or self.dims[-1] != 1:
+            raise ValueError(f"tower dims must run from input to a 1-unit output, got {dims}")
+        self.n_types, self.n_scenarios = int(n_types), int(n_scenarios)
+        self.domain_specific = domain_specific
+        self.weight_shared, self.bias_shared = nn.ParameterList(), nn.ParameterList()
+        self.weight_type, self.bias_type = nn.ParameterList(), nn.ParameterList()
+        self.weight_scenario, self.bias_scenario = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(self.dims[:-1], self.dims[1:], strict=False):
+            # nn.Linear's default init for the shared set; domain deltas start at zero so
+            # training starts from the common network and each delta learns only from its
+            # own domain's rows.
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weight_shared.append(nn.Parameter(torch.empty(fan_in, fan_out).uniform_(-bound, bound)))
+            self.bias_shared.append(nn.Parameter(torch.empty(fan_out).uniform_(-bound, bound)))
+            if domain_specific:
+                self.weight_type.append(nn.Parameter(torch.zeros(n_types, fan_in, fan_out)))
+                self.bias_type.append(nn.Parameter(torch.zeros(n_types, fan_out)))
+                self.weight_scenario.append(nn.Parameter(torch.zeros(n_scenarios, fan_in, fan_out)))
+                self.bias_scenario.append(nn.Parameter(torch.zeros(n_scenarios, fan_out)))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.dims) - 1
+
+    def composed(self, type_id: int, scenario_id: int) -> list[Layer]:
+        """theta(t, s) for every layer, differentiable (used by the naive reference)."""
+        if not self.domain_specific:
+            return list(zip(self.weight_shared, self.bias_shared, strict=True))
+        return [
+            (self.weight_shared[i] + self.weight_type[i][type_id] + self.weight_scenario[i][scenario_id],
+             self.bias_shared[i] + self.bias_type[i][type_id] + self.bias_scenario[i][scenario_id])
+            for i in range(self.n_layers)
+        ]
+
+    @staticmethod
+    def run(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
+        """Logits [B] of one fixed (composed) tower."""
+        h = x
+        for i, (weight, bias) in enumerate(layers):
+            h = torch.addmm(bias, h, weight)
+            if i < len(layers) - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+    def forward(self, x: torch.Tensor, type_id: torch.Tensor, scenario_id: torch.Tensor) -> torch.Tensor:
+        """Logits [B], each row through its own domain's tower (exact auto-masking)."""
+        if not self.domain_specific:
+            return self.run(x, list(zip(self.weight_shared, self.bias_shared, strict=True)))
+        by_type = GroupPlan.build(type_id, self.n_types, x.dtype)
+        by_scenario = GroupPlan.build(scenario_id, self.n_scenarios, x.dtype)
+        h = x
+        for i in range(self.n_layers):
+            dense = self.dims[i] * self.dims[i + 1] <= DENSE_MAX_ELEMS
+            h = (torch.addmm(self.bias_shared[i], h, self.weight_shared[i])
+                 + self._delta(by_type, h, self.weight_type[i], self.bias_type[i], dense)
+                 + self._delta(by_scenario, h, self.weight_scenario[i], self.bias_scenario[i], dense))
+            if i < self.n_layers - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+    @staticmethod
+    def _delta(plan: GroupPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               dense: bool) -> torch.Tensor:
+        """h_i @ W[g_i] + b[g_i]: grouped matmuls, or a dense one-hot select for tiny layers."""
+        return plan.linear_dense(h, weight, bias) if dense else plan.linear(h, weight, bias)
+
+
+class MMN(CVRModel):
+    """Shared embedding + CTR tower + domain-composed CVR tower; outputs (p_ctr, p_cvr)."""
+
+    def __init__(
+        self,
+        feature_cardinalities: Sequence[int],
+        embedding_dim: int,
+        ctr_hidden: Sequence[int],
+        cvr_hidden: Sequence[int],
+        n_types: int,
+        n_scenarios: int,
+        domain_params: str = "full",
+        field_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(n_types, n_scenarios)
+        if domain_params not in DOMAIN_PARAMS:
+            raise ValueError(f"domain_params must be one of {DOMAIN_PARAMS}, got {domain_params!r}")
+        self.domain_params = domain_params
+        self.kind = "mmn" if domain_params == "full" else "mmn_common_only"
+        names = list(field_names) if field_names else None
+        self.embedding = FeatureEmbedding(
+            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, names
+        )
+        d_in = self.embedding.output_dim
+        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        self.cvr_tower = ComposedTower(
+            [d_in, *cvr_hidden, 1], n_types, n_scenarios, domain_specific=domain_params == "full"
+        )
+        self.predict_cache_size = self.n_types * self.n_scenarios
+        self._predict_cache: OrderedDict[tuple[int, int], list[Layer]] = OrderedDict()
+        self._cache_versions: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
+                    domain_params: str | None = None) -> MMN:
+        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
+        return cls(
+            [f.cardinality for f in cfg.features],
+            cfg.model.embedding_dim,
+            cfg.model.ctr_hidden,
+            cfg.model.cvr_hidden,
+            n_types,
+            n_scenarios,
+            domain_params=domain_params or cfg.model.domain_params,
+            field_names=names,
+        )
+
+    @property
+    def n_domain_param_sets(self) -> int:
+        return self.n_types + self.n_scenarios + 1 if self.domain_params == "full" else 1
+
+    def _check_domains(self, type_id: torch.Tensor, scenario_id: torch.Tensor) -> None:
+        # Ids are range-checked by the embedding; mismatched shapes would broadcast silently.
+        if type_id.shape != scenario_id.shape or type_id.dim() != 1:
+            raise ValueError("type_id and scenario_id must be 1-D tensors of equal length")
+
+    def forward(self, features: torch.Tensor, type_id: torch.Tensor,
+                scenario_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast exact auto-masking: (p_ctr, p_cvr), each [B]."""
+        self._check_domains(type_id, scenario_id)
+        type_id, scenario_id = type_id.long(), scenario_id.long()
+        x = self.embedding(features, type_id, scenario_id)
+        return self.ctr_tower(x), torch.sigmoid(self.cvr_tower(x, type_id, scenario_id))
+
+    def forward_naive(self, features: torch.Tensor, type_id: torch.Tensor,
+                      scenario_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference auto-masking: all N_t x N_s towers on every row, masked and summed."""
+        self._check_domains(type_id, scenario_id)
+        type_id, scenario_id = type_id.long(), scenario_id.long()
+        x = self.embedding(features, type_id, scenario_id)
+        p_cvr = x.new_zeros(x.shape[0])
+        for t in range(self.n_types):
+            for s in range(self.n_scenarios):
+                mask = ((type_id == t) & (scenario_id == s)).to(x.dtype)
+                tower = self.cvr_tower.composed(t, s)
+                p_cvr = p_cvr + torch.sigmoid(ComposedTower.run(x, tower)) * mask
+        return self.ctr_tower(x), p_cvr
+
+    @torch.no_grad()
+    def predict_domain(self, features: torch.Tensor, type_id: int,
+                       scenario_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serve one domain: only its tower runs, with composed weights cached."""
+        feats, t, s = self.domain_tensors(features, type_id, scenario_id)
+        x = self.embedding(feats, t, s)
+        layers = self._cached_tower(int(type_id), int(scenario_id))
+        return self.ctr_tower(x), torch.sigmoid(ComposedTower.run(x, layers))
+
+    def _cached_tower(self, type_id: int, scenario_id: int) -> list[Layer]:
+        # Parameter version counters catch in-place updates (optimizer steps) that happen
+        # without a train()/load_state_dict() call in between.
+        versions = tuple(p._version for p in self.cvr_tower.parameters())
+        if versions != self._cache_versions:
+            self._predict_cache.clear()
+            self._cache_versions = versions
+        key = (type_id, scenario_id)
+        layers = self._predict_cache.get(key)
+        if layers is None:
+            layers = [(w.detach().clone(), b.detach().clone())
+                      for w, b in self.cvr_tower.composed(type_id, scenario_id)]
+            self._predict_cache[key] = layers
+            while len(self._predict_cache) > max(1, self.predict_cache_size):
+                self._predict_cache.popitem(last=False)
+        else:
+            self._predict_cache.move_to_end(key)
+        return layers
+
+    def clear_predict_cache(self) -> None:
+        self._predict_cache.clear()
+        self._cache_versions = None
+
+    def train(self, mode: bool = True) -> MMN:
+        self.clear_predict_cache()
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.clear_predict_cache()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        self.clear_predict_cache()
+        return super()._apply(*args, **kwargs)
+
+
+@register_model("mmn")
+def _build_mmn(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
+    """MMN with ``cfg.model.domain_params`` (full unless the config says common_only)."""
+    return MMN.from_config(cfg, n_types, n_scenarios)
+
+
+@register_model("mmn_no_dynamic_weight", loss_overrides={"dynamic_weight": False})
+def _build_mmn_plain_loss(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
+    """Ablation: MMN trained with a plain-mean CTCVR loss (no N / N_c reweighting)."""
+    return MMN.from_config(cfg, n_types, n_scenarios)
+
+
+@register_model("mmn_common_only")
+def _build_mmn_common(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
+    """Ablation: the CVR tower keeps theta_shared alone (no type / scenario deltas)."""
+    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="common_only")
