@@ -158,11 +158,9 @@ except ImportError:  # pragma: no cover - serving without mlflow installed
     CVRPyfunc = None  # type: ignore[assignment,misc]
 
 
-def input_signature_columns(cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """Raw-record columns the model reads, with their MLflow types."""
-    cols = [(cfg.domains.type_field, "string"), (cfg.domains.scenario_field, "string")]
-    cols += [(f.name, "string" if f.kind == "categorical" else "double") for f in cfg.features]
-    return cols
+def input_columns(cfg: PipelineConfig) -> list[str]:
+    """Raw-record fields the model reads (all optional: a missing one is a per-record error)."""
+    return [cfg.domains.type_field, cfg.domains.scenario_field, *(f.name for f in cfg.features)]
 
 
 def _pip_requirements() -> list[str]:
@@ -179,9 +177,11 @@ def log_serving_model(
 ) -> Any:
     """Log the pyfunc (weights, bundle, code, signature, input example) to the active run."""
     from mlflow.models import infer_signature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    inputs = Schema([ColSpec(t, n, required=False) for n, t in input_signature_columns(cfg)])
+    # AnyType: MLflow's own enforcement would fail a whole request on one badly typed value
+    # (even a JSON int in a double column); predict_records checks types per record instead.
+    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in input_columns(cfg)])
     serving = ServingModel(bundle, model)
     outputs = infer_signature(input_example, serving.predict_records(_records_from(input_example)))
     signature = type(outputs)(inputs=inputs, outputs=outputs.outputs)

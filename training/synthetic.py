@@ -125,3 +125,29 @@ def write_days(cfg: PipelineConfig, days: list[str], n_rows: int, n_types: int,
         samples, truth = make_day(cfg, day, n_rows, n_types, n_scenarios, seed=seed)
         write_day(cfg, day, samples, truth, **kwargs)  # type: ignore[arg-type]
     write_vocabs(cfg, n_types, n_scenarios)
+
+
+def write_raw_impressions(cfg: PipelineConfig, day: str, n: int, n_types: int,
+                          n_scenarios: int, seed: int = 0) -> Path:
+    """A few valid raw impression records (JSONL) for ``day``: what training logs as the
+    serving model's input example (mmn.tasks.example_records) when there is no generator."""
+    import json
+
+    rng = np.random.default_rng([seed, zlib.crc32(day.encode())])
+    out = cfg.paths.raw_dir("impressions", day)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "part-00000.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            rec: dict[str, object] = {
+                "impression_id": f"{day}-raw-{i:06d}", "ts": f"{day}T12:00:00Z",
+                "user_id": f"u{rng.integers(1000)}", "ad_id": f"a{rng.integers(1000)}",
+                cfg.domains.type_field: type_names(n_types)[i % n_types],
+                cfg.domains.scenario_field: scenario_names(n_scenarios)[(i // n_types) % n_scenarios],
+            }
+            for field in cfg.features:
+                rec[field.name] = (f"{field.name}_{rng.integers(MAX_SYNTHETIC_IDS)}"
+                                   if field.kind == "categorical"
+                                   else float(rng.uniform(0, 2 * field.boundaries[-1])))
+            fh.write(json.dumps(rec) + "\n")
+    return path

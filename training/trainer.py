@@ -448,6 +448,11 @@ class _Loop:
         b = batch_to_device(batch, self.device)
         p_ctr, p_cvr = self.net(b["features"], b["type_id"], b["scenario_id"])
         loss = loss_from_config(self.loss_cfg, p_ctr, p_cvr, b)
+        # Generic hook: a model with its own regularizer (MI-DPG's mutual-information term)
+        # computes it in forward and exposes it as auxiliary_loss(); it joins the total.
+        auxiliary = getattr(self.model, "auxiliary_loss", None)
+        if callable(auxiliary):
+            loss = loss._replace(total=loss.total + auxiliary())
         step = state.step + 1
         value = float(loss.total.detach())
         if not np.isfinite(value):

@@ -1,10 +1,17 @@
 """Model zoo. Adding a baseline: a module with a CVRModel subclass and a
 ``@register_model("<kind>")`` factory, imported below."""
 
-from training.models import dnn, mmn  # noqa: E402,F401  (registers the kinds)
+# Importing a model module registers its kinds.
+from training.models import dnn, dpg, esmm, mmn, mmoe, mtfwfm, ple, star  # noqa: E402,F401
 from training.models.base import CVRModel
 from training.models.dnn import DNN
+from training.models.dpg import DPG, MIDPG
+from training.models.esmm import ESMM
 from training.models.mmn import MMN
+from training.models.mmoe import MMoE
+from training.models.mtfwfm import MTFwFM
+from training.models.ple import PLE
+from training.models.star import STAR
 from training.models.zoo import (
     MODEL_REGISTRY,
     available_models,
@@ -17,8 +24,15 @@ from training.models.zoo import (
 __all__ = [
     "CVRModel",
     "DNN",
+    "DPG",
+    "ESMM",
+    "MIDPG",
     "MMN",
+    "MMoE",
     "MODEL_REGISTRY",
+    "MTFwFM",
+    "PLE",
+    "STAR",
     "available_models",
     "build_model",
     "check_capacity",

@@ -1,0 +1,321 @@
+"""Compare MMN with baselines on one day, the way the MMN paper's Tables 2 and 3 do.
+
+Every (kind, seed) is trained and evaluated by the daily pipeline's own steps
+(:func:`mmn.tasks.train_day`, :func:`mmn.tasks.evaluate_day`), as child runs of one parent
+run in one MLflow experiment (default ``<cfg.mlflow.experiment>_comparison``), tagged with
+the comparison id. The parent run gets the comparison table -- rows: models; columns:
+holdout CVR AUC per conversion type, per display scenario, and their averages, as
+``mean ± std`` over seeds when there are several -- as Markdown and CSV, the raw
+per-seed metrics as JSON, and a heatmap of MMN's CVR AUC gain over DNN per
+type x scenario when both were trained.
+
+CLI: ``python -m training.compare --day D --kinds mmn,dnn,star [--seeds 1,2,3]
+[--experiment NAME] [--config PATH] [--set section.key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmn.config import PipelineConfig, load_config
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "comparison"
+GAIN_BASE, GAIN_MODEL = "dnn", "mmn"  # the heatmap: MMN's gain over the DNN baseline
+PARAM_COLUMNS = ("n_params", "n_domain_param_sets")
+
+
+@dataclass
+class ComparisonResult:
+    """What a comparison produced: run ids, per-seed holdout metrics, the table and files."""
+
+    comparison_id: str
+    day: str
+    experiment_id: str
+    parent_run_id: str
+    kinds: list[str]
+    seeds: list[int]
+    child_runs: dict[str, dict[int, str]]  # kind -> seed -> MLflow run id
+    metrics: dict[str, dict[int, dict[str, float | None]]]  # kind -> seed -> holdout metrics
+    table: pd.DataFrame  # one row per kind: mean columns, plus <column>_std with > 1 seed
+    markdown: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def auc_columns(types: Sequence[str], scenarios: Sequence[str]) -> list[tuple[str, str]]:
+    """(table column, holdout metric key) pairs, in the papers' order."""
+    cols = [(f"type/{t}", f"cvr_auc_type/{t}") for t in types]
+    cols.append(("type_avg", "cvr_auc_type_avg"))
+    cols += [(f"scenario/{s}", f"cvr_auc_scenario/{s}") for s in scenarios]
+    cols.append(("scenario_avg", "cvr_auc_scenario_avg"))
+    cols += [("domain_avg", "cvr_auc_domain_avg"), ("overall", "cvr_auc")]
+    return cols
+
+
+def _value(metrics: dict[str, Any], key: str) -> float:
+    value = metrics.get(key)
+    return float("nan") if value is None else float(value)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std over the defined values (NaN when none / fewer than two)."""
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+
+
+def comparison_table(metrics: dict[str, dict[int, dict[str, Any]]], types: Sequence[str],
+                     scenarios: Sequence[str]) -> pd.DataFrame:
+    """One row per model (index: kind); with several seeds each column gets a ``_std``."""
+    multi = max(len(per_seed) for per_seed in metrics.values()) > 1
+    rows = {}
+    for kind, per_seed in metrics.items():
+        row: dict[str, float] = {}
+        for column, key in [*auc_columns(types, scenarios), *((c, c) for c in PARAM_COLUMNS)]:
+            mean, std = _mean_std([_value(m, key) for m in per_seed.values()])
+            row[column] = mean
+            if multi and column not in PARAM_COLUMNS:
+                row[f"{column}_std"] = std
+        rows[kind] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "model"
+    return table
+
+
+def to_markdown(table: pd.DataFrame, types: Sequence[str], scenarios: Sequence[str],
+                caption: str) -> str:
+    """The table as GitHub Markdown: ``mean ± std`` cells, the best model per column bold."""
+    columns = [c for c, _ in auc_columns(types, scenarios)]
+    header = ["model", *columns, *PARAM_COLUMNS]
+    best = {c: table[c].max(skipna=True) for c in columns}
+    lines = [caption, "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for kind, row in table.iterrows():
+        cells = [f"`{kind}`"]
+        for c in columns:
+            mean, std = row[c], row.get(f"{c}_std", float("nan"))
+            if math.isnan(mean):
+                cells.append("n/a")
+                continue
+            text = f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+            cells.append(f"**{text}**" if mean == best[c] and len(table) > 1 else text)
+        cells += [("n/a" if math.isnan(row[c]) else f"{int(row[c]):,}") for c in PARAM_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+def domain_gain(metrics: dict[str, dict[int, dict[str, Any]]], types: Sequence[str],
+                scenarios: Sequence[str], model: str = GAIN_MODEL,
+                base: str = GAIN_BASE) -> np.ndarray:
+    """[types, scenarios] mean over seeds of model's CVR AUC minus base's, paired by seed
+    (NaN where either AUC is undefined in every seed)."""
+    grid = np.full((len(types), len(scenarios)), np.nan)
+    seeds = sorted(set(metrics[model]) & set(metrics[base]))
+    for i, t in enumerate(types):
+        for j, s in enumerate(scenarios):
+            key = f"cvr_auc_domain/{t}/{s}"
+            diffs = [_value(metrics[model][k], key) - _value(metrics[base][k], key) for k in seeds]
+            grid[i, j] = _mean_std(diffs)[0]
+    return grid
+
+
+def gain_heatmap(grid: np.ndarray, types: Sequence[str], scenarios: Sequence[str], path: Path,
+                 title: str) -> Path:
+    """Diverging heatmap of the AUC gain, annotated per cell; written with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.9 * len(scenarios) + 3.0), max(3.8, 0.45 * len(types) + 2.0)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finite = np.abs(grid[np.isfinite(grid)])
+    limit = float(finite.max()) if finite.size and finite.max() > 0 else 0.01
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.3f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(scenarios)), list(scenarios), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(types)), list(types), fontsize=8)
+    ax.set_xlabel("display scenario")
+    ax.set_ylabel("conversion type")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="CVR AUC gain")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _check_kinds(kinds: Sequence[str]) -> list[str]:
+    from training.models import available_models
+
+    kinds = [k.strip() for k in kinds if k.strip()]
+    if not kinds:
+        raise ValueError("compare() needs at least one model kind")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"model kinds repeat: {kinds}")
+    unknown = sorted(set(kinds) - set(available_models()))
+    if unknown:
+        raise ValueError(f"unknown model kinds {unknown}; available: {available_models()}")
+    return kinds
+
+
+def compare(
+    cfg: PipelineConfig,
+    day: str,
+    kinds: list[str],
+    *,
+    seeds: Sequence[int] | None = None,
+    experiment: str | None = None,
+) -> ComparisonResult:
+    """Train and evaluate every kind for every seed on ``day``; log and return the table."""
+    from mlflow.tracking import MlflowClient
+
+    from mmn.tasks import evaluate_day, parse_day, setup_mlflow, train_day, vocab_lists
+
+    day = parse_day(day).isoformat()
+    kinds = _check_kinds(kinds)
+    seeds = [int(s) for s in (seeds if seeds is not None else (cfg.training.seed,))]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+    types, scenarios = vocab_lists(cfg)
+    experiment = experiment or f"{cfg.mlflow.experiment}_comparison"
+    experiment_id = setup_mlflow(cfg, experiment)
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    comparison_id = uuid.uuid4().hex[:12]
+    parent = client.create_run(experiment_id, run_name=f"comparison {day}", tags={
+        "comparison_id": comparison_id, "data_date": day, "comparison_kinds": ",".join(kinds),
+        "comparison_seeds": ",".join(map(str, seeds)), "config_hash": cfg.config_hash(),
+    })
+    parent_id = parent.info.run_id
+    client.log_param(parent_id, "kinds", ",".join(kinds))
+    client.log_param(parent_id, "seeds", ",".join(map(str, seeds)))
+    client.log_param(parent_id, "day", day)
+    child_runs: dict[str, dict[int, str]] = {k: {} for k in kinds}
+    metrics: dict[str, dict[int, dict[str, float | None]]] = {k: {} for k in kinds}
+    try:
+        for seed in seeds:
+            # evaluate_day re-activates cfg.mlflow.experiment before reopening the run, so
+            # the children's config names the comparison experiment.
+            seeded = cfg.with_overrides({"training.seed": seed, "mlflow.experiment": experiment})
+            for kind in kinds:
+                log.info("comparison %s: training %s with seed %d", comparison_id, kind, seed)
+                run_id = train_day(seeded, day, model_kind=kind, experiment=experiment,
+                                   extra_tags={"comparison_id": comparison_id,
+                                               "comparison_seed": str(seed)},
+                                   parent_run_id=parent_id)
+                evaluation = evaluate_day(seeded, day, run_id)
+                run_metrics = client.get_run(run_id).data.metrics
+                child_runs[kind][seed] = run_id
+                metrics[kind][seed] = {**evaluation["challenger"],
+                                       **{c: run_metrics.get(f"model/{c}") for c in PARAM_COLUMNS}}
+        result = _report(cfg, client, comparison_id, day, experiment_id, parent_id, kinds, seeds,
+                         child_runs, metrics, types, scenarios)
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    client.set_terminated(parent_id, status="FINISHED")
+    return result
+
+
+def _report(cfg: PipelineConfig, client: Any, comparison_id: str, day: str, experiment_id: str,
+            parent_id: str, kinds: list[str], seeds: list[int],
+            child_runs: dict[str, dict[int, str]], metrics: dict[str, dict[int, dict[str, Any]]],
+            types: list[str], scenarios: list[str]) -> ComparisonResult:
+    """Write the table (Markdown, CSV), raw metrics (JSON) and heatmap; log them to the parent."""
+    table = comparison_table(metrics, types, scenarios)
+    spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    caption = (f"Holdout CVR AUC (clicked impressions) of {day}, per conversion type and display "
+               f"scenario; {spread}. Comparison `{comparison_id}`.")
+    markdown = to_markdown(table, types, scenarios, caption)
+    out = cfg.paths.reports_root / "comparisons" / f"{day}_{comparison_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / "comparison.md", "csv": out / "comparison.csv",
+             "json": out / "comparison.json"}
+    files["markdown"].write_text(markdown)
+    table.to_csv(files["csv"], float_format="%.6f")
+    files["json"].write_text(json.dumps(
+        {"comparison_id": comparison_id, "day": day, "kinds": kinds, "seeds": seeds,
+         "runs": child_runs, "metrics": metrics}, indent=1, default=str))
+    if GAIN_MODEL in metrics and GAIN_BASE in metrics:
+        grid = domain_gain(metrics, types, scenarios)
+        over = f"mean over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+        files["heatmap"] = gain_heatmap(
+            grid, types, scenarios, out / "mmn_gain_over_dnn.png",
+            f"{GAIN_MODEL} CVR AUC gain over {GAIN_BASE}\nholdout {day}, {over}")
+    else:
+        log.info("no heatmap: it needs both %r and %r among the kinds", GAIN_MODEL, GAIN_BASE)
+    for path in files.values():
+        client.log_artifact(parent_id, str(path), artifact_path=ARTIFACT_DIR)
+    summary = {f"{kind}/{column}": value for kind, row in table.iterrows()
+               for column, value in row.items()
+               if column in ("type_avg", "scenario_avg", "domain_avg", "overall")
+               and not math.isnan(value)}
+    for key, value in summary.items():
+        client.log_metric(parent_id, key, float(value))
+    return ComparisonResult(comparison_id=comparison_id, day=day, experiment_id=experiment_id,
+                            parent_run_id=parent_id, kinds=kinds, seeds=seeds,
+                            child_runs=child_runs, metrics=metrics, table=table,
+                            markdown=markdown, files=files)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.compare",
+        description="Train MMN and baselines on one day; log a paper-style CVR AUC table to MLflow.")
+    parser.add_argument("--day", required=True, help="the day to train for and hold out (YYYY-MM-DD)")
+    parser.add_argument("--kinds", required=True, help="comma-separated model kinds, e.g. mmn,dnn,star")
+    parser.add_argument("--seeds", type=_int_list, default=None,
+                        help="comma-separated training seeds (default: cfg.training.seed)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: <mlflow.experiment>_comparison)")
+    parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (default: conf/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, repeatable")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, overrides=args.set)
+    result = compare(cfg, args.day, args.kinds.split(","), seeds=args.seeds, experiment=args.experiment)
+    sys.stdout.write(result.markdown)
+    json.dump({"comparison_id": result.comparison_id, "parent_run_id": result.parent_run_id,
+               "experiment_id": result.experiment_id,
+               "files": {k: str(v) for k, v in result.files.items()}}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
