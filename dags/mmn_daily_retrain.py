@@ -70,24 +70,24 @@ def mmn_daily_retrain() -> None:
                          window_days=params["train_window_days"])
 
     @task
-    def evaluate(day: str, run_id: str) -> dict:
+    def evaluate(day: str, mlflow_run_id: str) -> dict:
         from mmn.tasks import evaluate_day
 
-        return evaluate_day(load_config(), day, run_id)
+        return evaluate_day(load_config(), day, mlflow_run_id)
 
     @task(outlets=[champion_asset(CFG)])
-    def gate_and_promote(day: str, run_id: str, evaluation: dict, **context) -> dict:
+    def gate_and_promote(day: str, mlflow_run_id: str, evaluation: dict, **context) -> dict:
         from mmn.tasks import gate_day
 
         params = context["params"]
-        return gate_day(load_config(), day, run_id, evaluation, dry_run=params["dry_run"],
+        return gate_day(load_config(), day, mlflow_run_id, evaluation, dry_run=params["dry_run"],
                         min_delta=params["min_delta"], floor=params["floor"])
 
     validated = validate(day)
     build >> validated
-    run_id = train(day)
-    validated >> run_id
-    gate_and_promote(day, run_id, evaluate(day, run_id))
+    mlflow_run_id = train(day)
+    validated >> mlflow_run_id
+    gate_and_promote(day, mlflow_run_id, evaluate(day, mlflow_run_id))
 
 
 daily_retrain_dag = mmn_daily_retrain()

@@ -21,10 +21,14 @@ from mmn.config import REPO_ROOT, PipelineConfig
 
 
 def logical_date_for(cfg: PipelineConfig, day: str) -> dt.datetime:
-    """The scheduled run whose data interval, less the label delay, is ``day``."""
+    """The ``dag.test`` date of the run whose data interval, less the label delay, is ``day``.
+
+    ``dag.test(logical_date=X)`` infers the data interval that *ends* at X, so X is the
+    interval's start (day + label delay) plus one day, at the schedule's time.
+    """
     hour, minute = _cron_time(cfg.airflow.schedule)
-    start = dt.date.fromisoformat(day) + dt.timedelta(days=cfg.windows.label_delay_days)
-    return dt.datetime(start.year, start.month, start.day, hour, minute, tzinfo=dt.UTC)
+    end = dt.date.fromisoformat(day) + dt.timedelta(days=cfg.windows.label_delay_days + 1)
+    return dt.datetime(end.year, end.month, end.day, hour, minute, tzinfo=dt.UTC)
 
 
 def _cron_time(cron: str) -> tuple[int, int]:
@@ -88,7 +92,7 @@ def run_demo(cfg: PipelineConfig, start: str | None = None, days: int = 3) -> in
 def _day_row(cfg: PipelineConfig, day: str, state: str) -> dict[str, Any]:
     path = cfg.paths.reports_root / "gate" / f"{day}.json"
     gate = json.loads(path.read_text()) if path.exists() else {}
-    return {"day": day, "state": state, **gate}
+    return {**gate, "day": day, "state": state}
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -40,9 +40,11 @@ def _gate_summary(cfg, day):
     return json.loads((cfg.paths.reports_root / "gate" / f"{day}.json").read_text())
 
 
-def test_both_days_succeed(daily_runs):
-    _, _, states = daily_runs
+def test_both_days_succeed_on_the_days_the_timetable_maps_to(daily_runs):
+    cfg, _, states = daily_runs
     assert all("success" in s for s in states.values()), states
+    # The run's data interval minus the label delay is the impression day it built.
+    assert [_gate_summary(cfg, d)["day"] for d in DAYS] == DAYS
 
 
 def test_partition_has_one_row_per_generated_impression(daily_runs):
