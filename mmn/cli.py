@@ -148,6 +148,7 @@ def _passthrough(module: str) -> Callable[[Sequence[str]], int]:
 PASSTHROUGH = {
     "generate": ("spark_jobs.generate_logs", "write sample raw logs (see `mmn generate --help`)"),
     "validate": ("validation.runner", "validate a built day with the GX suite"),
+    "compare": ("training.compare", "train several model kinds on one window and compare them"),
 }
 
 

@@ -7,11 +7,21 @@ carries the aliases. Day 2's gate must compare against day 1's champion.
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mmn.config import load_config
 from mmn.demo import load_dag, logical_date_for
@@ -87,3 +97,144 @@ def test_mlflow_run_has_holdout_metrics_and_champion_alias(daily_runs):
         assert champion == "1"
         tags = client.get_model_version(cfg.mlflow.registered_model, second["version"]).tags
         assert tags["status"] == "rejected" and tags["gate.reason"]
+
+
+# ---------------------------------------------------------------- serving the champion
+
+
+def _raw_records(cfg, day, n):
+    """The day's first ``n`` raw impression records, as a client would send them."""
+    path = sorted(cfg.paths.raw_dir("impressions", day).glob("*.jsonl*"))[0]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for _, line in zip(range(n), fh, strict=False)]
+
+
+BAD_RECORDS = [
+    {"conversion_type": "no_such_type", "display_scenario": "x"},
+    {"display_scenario": "also_missing_type"},
+    {"conversion_type": None, "display_scenario": None, "user_age": "forty"},
+]
+
+
+def test_pyfunc_on_raw_records_equals_model_on_spark_rows(daily_runs):
+    """Serving hashes raw records exactly as the Spark job did: same predictions."""
+    cfg, _, _ = daily_runs
+    from training.serving import load_serving_model
+
+    serving = load_serving_model(f"models:/{cfg.mlflow.registered_model}@champion")
+    records = _raw_records(cfg, DAYS[1], 300)
+    served = serving.predict_records(records)
+    assert served["error"].isna().all(), served["error"].dropna().head()
+
+    rows = pq.read_table(cfg.paths.samples_dir(DAYS[1])).to_pandas().set_index("impression_id")
+    rows = rows.loc[[r["impression_id"] for r in records]]
+    features = torch.tensor(rows[cfg.feature_columns].to_numpy(), dtype=torch.long)
+    with torch.no_grad():
+        p_ctr, p_cvr = serving.model(features, torch.tensor(rows["type_id"].to_numpy()),
+                                     torch.tensor(rows["scenario_id"].to_numpy()))
+    assert np.allclose(served["p_cvr"].to_numpy(), p_cvr.numpy(), atol=1e-5)
+    assert np.allclose(served["p_ctr"].to_numpy(), p_ctr.numpy(), atol=1e-5)
+
+
+def test_bad_records_get_a_clear_error_each(daily_runs):
+    cfg, _, _ = daily_runs
+    from training.serving import load_serving_model
+
+    serving = load_serving_model(f"models:/{cfg.mlflow.registered_model}@champion")
+    out = serving.predict_records([*_raw_records(cfg, DAYS[1], 2), *BAD_RECORDS])
+    assert out["error"].iloc[:2].isna().all()
+    errors = out["error"].iloc[2:].tolist()
+    assert "unknown conversion_type 'no_such_type'" in errors[0]
+    assert "missing required field 'conversion_type'" in errors[1]
+    assert "missing required field" in errors[2]
+    assert out["p_cvr"].iloc[2:].isna().all()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_like_in_process(daily_runs):
+    """`mlflow models serve -m models:/<name>@champion --env-manager local` on 127.0.0.1."""
+    cfg, _, _ = daily_runs
+    from training.serving import load_serving_model
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+           f"models:/{cfg.mlflow.registered_model}@champion", "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(f"{base}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("model server did not come up within 180 s")
+        records = [*_raw_records(cfg, DAYS[1], 20), *BAD_RECORDS]
+        body = json.dumps({"dataframe_records": records}).encode()
+        req = urllib.request.Request(f"{base}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = load_serving_model(f"models:/{cfg.mlflow.registered_model}@champion").predict_records(records)
+    assert len(answer) == len(records)
+    for got, (_, want) in zip(answer, expected.iterrows(), strict=True):
+        assert (got["error"] is None) == pd.isna(want["error"])
+        if got["error"] is None:
+            assert abs(got["p_cvr"] - want["p_cvr"]) < 1e-6
+            assert abs(got["p_ctcvr"] - want["p_ctcvr"]) < 1e-6
+        else:
+            assert got["error"] == want["error"]
+
+
+# ---------------------------------------------------------------- a bad day stops the DAG
+
+BAD_DAY = "2026-11-03"
+
+
+@pytest.fixture(scope="module")
+def bad_day_run(daily_runs):
+    """Day 3's logs hold a third of the usual impressions: validation must stop the run."""
+    cfg, _, _ = daily_runs
+    from spark_jobs.generate_logs import generate
+    from training.registry import CHAMPION, alias_version, client_for
+
+    champion_before = alias_version(client_for(cfg), cfg.mlflow.registered_model, CHAMPION)
+    generate(cfg, BAD_DAY, 1, impressions_per_day=cfg.generator.impressions_per_day // 3)
+    dagrun = load_dag().test(logical_date=logical_date_for(cfg, BAD_DAY))
+    states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+    return cfg, dagrun, states, champion_before
+
+
+def test_validation_failure_stops_training_and_keeps_the_champion(bad_day_run):
+    cfg, dagrun, states, champion_before = bad_day_run
+    from training.registry import CHAMPION, alias_version, client_for
+
+    assert "failed" in str(dagrun.state)
+    assert "success" in states["build_samples"]
+    assert "failed" in states["validate"]
+    for task in ("train", "evaluate", "gate_and_promote"):
+        assert "upstream_failed" in states[task], states
+    assert not (cfg.paths.reports_root / "gate" / f"{BAD_DAY}.json").exists()
+    assert alias_version(client_for(cfg), cfg.mlflow.registered_model, CHAMPION) == champion_before
+    results = json.loads((cfg.paths.validation_dir(BAD_DAY) / "results.json").read_text())
+    assert results["success"] is False
+
+
+def test_failure_summary_names_task_date_and_failed_expectation(bad_day_run):
+    cfg, _, _, _ = bad_day_run
+    lines = cfg.paths.failures_log.read_text().splitlines()
+    summary = [line for line in lines if "task=validate" in line and BAD_DAY in line]
+    assert summary, lines
+    assert "ValidationFailed" in summary[-1] and "row_count" in summary[-1]

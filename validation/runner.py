@@ -50,6 +50,8 @@ from validation.suite import (
 )
 
 log = logging.getLogger(__name__)
+# GX logs every datasource save at INFO; keep task logs about our checks, not its internals.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 ENGINES = ("pandas", "spark")
 SITE_NAME = "mmn_data_docs"

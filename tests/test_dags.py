@@ -1,0 +1,70 @@
+"""DAG integrity: imports cleanly, the task graph, params validation, cheap to parse."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+from airflow.sdk.definitions.param import ParamValidationError
+
+from mmn.config import REPO_ROOT
+from mmn.demo import load_dag
+
+
+@pytest.fixture(scope="module")
+def dag():
+    return load_dag("mmn_daily_retrain")
+
+
+def test_task_graph(dag):
+    downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {
+        "resolve_day": ["build_samples", "evaluate", "gate_and_promote", "train", "validate"],
+        "build_samples": ["validate"],
+        "validate": ["train"],
+        "train": ["evaluate", "gate_and_promote"],
+        "evaluate": ["gate_and_promote"],
+        "gate_and_promote": [],
+    }
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+
+
+def _with(dag, conf):
+    """The params a manual trigger with ``conf`` would get (as the API merges them)."""
+    params = copy.deepcopy(dag.params)
+    params.update(conf)
+    return params
+
+
+def test_params_accept_good_and_reject_bad_input(dag):
+    resolved = _with(dag, {"date": "2026-11-02", "model_kind": "dnn", "dry_run": True}).validate()
+    assert resolved["model_kind"] == "dnn" and resolved["train_window_days"] >= 1
+    for bad in ({"model_kind": "xgboost"}, {"train_window_days": 0}, {"floor": 2},
+                {"date": "yesterday"}, {"dry_run": "maybe"}):
+        name = next(iter(bad))
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {name}"):
+            _with(dag, bad).validate()
+
+
+def test_parsing_the_dag_file_is_cheap():
+    """The dag-processor re-parses often: with airflow imported, the file itself takes < 2 s."""
+    code = (
+        "import time, runpy, airflow.sdk, airflow.providers.apache.spark.operators.spark_submit\n"
+        "t = time.perf_counter()\n"
+        f"runpy.run_path({str(REPO_ROOT / 'dags' / 'mmn_daily_retrain.py')!r})\n"
+        "print(time.perf_counter() - t)\n"
+        "import sys; assert 'torch' not in sys.modules and 'pyspark' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 2.0
+
+
+def test_comparison_dag_validates_model_kinds():
+    comparison = load_dag("mmn_model_comparison")
+    assert [t.task_id for t in comparison.tasks] == ["compare_models"]
+    _with(comparison, {"date": "2026-11-02", "kinds": ["mmn", "dnn"]}).validate()
+    with pytest.raises(ParamValidationError, match="Invalid input for param kinds"):
+        _with(comparison, {"date": "2026-11-02", "kinds": ["mmn", "gbdt"]}).validate()
