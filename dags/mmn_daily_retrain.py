@@ -67,7 +67,7 @@ def mmn_daily_retrain() -> None:
 
         params = context["params"]
         return train_day(load_config(), day, model_kind=params["model_kind"],
-                         window_days=params["train_window_days"])
+                         window_days=params["train_window_days"], ssim=params["ssim"])
 
     @task
     def evaluate(day: str, mlflow_run_id: str) -> dict:

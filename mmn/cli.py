@@ -45,7 +45,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from mmn.tasks import train_day
 
-    run_id = train_day(_cfg(args), args.day, model_kind=args.model_kind, window_days=args.window_days)
+    run_id = train_day(_cfg(args), args.day, model_kind=args.model_kind, window_days=args.window_days,
+                       ssim=args.ssim)
     print(run_id)
     return 0
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--day", required=True)
     p.add_argument("--model-kind")
     p.add_argument("--window-days", type=int)
+    p.add_argument("--ssim", choices=["off", "search", "reuse"], help="default: ssim.mode in the config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[parent], help="score challenger and champion on the holdout")

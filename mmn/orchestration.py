@@ -33,6 +33,10 @@ def daily_params(cfg: PipelineConfig) -> dict[str, Any]:
                            description="Gate: challenger must beat the champion by this much."),
         "floor": Param(cfg.gate.floor, type="number", minimum=0, maximum=1,
                        description="Gate: absolute floor on the gate metric."),
+        "ssim": Param((cfg.raw.get("ssim") or {}).get("mode", "off"), type="string",
+                      enum=["off", "search", "reuse"],
+                      description="SSIM: off, search (select shared instances, then retrain), "
+                                  "reuse (the latest saved shared-instance set)."),
         "dry_run": Param(False, type="boolean",
                          description="Train and evaluate, but register and promote nothing."),
     }

@@ -210,15 +210,22 @@ def train_day(
     experiment: str | None = None,
     extra_tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    ssim: str | None = None,
 ) -> str:
-    """Train on the day's window, log the run and the serving model; returns the run id."""
+    """Train on the day's window, log the run and the serving model; returns the run id.
+
+    ``ssim`` (default: the config's ssim.mode): "search" runs the SSIM search on the window
+    and retrains with the chosen share ratio; "reuse" takes the latest saved shared set.
+    """
     import mlflow
     import pandas as pd
 
     from training.serving import ModelBundle, log_serving_model
+    from training.ssim import ssim_config
     from training.trainer import train
 
     kind = model_kind or cfg.model.kind
+    ssim_mode = ssim or ssim_config(cfg).mode
     plan = training_plan(cfg, day, window_days)
     types, scenarios = vocab_lists(cfg)
     setup_mlflow(cfg, experiment)
@@ -229,7 +236,7 @@ def train_day(
         "git_commit": git_commit(),
         "config_hash": cfg.config_hash(),
         "dataset_manifest": str(cfg.paths.manifest_path(day)),
-        "ssim": "off",
+        "ssim": ssim_mode,
         "cold_start": str(plan.cold_start).lower(),
         **(extra_tags or {}),
     }
@@ -238,6 +245,7 @@ def train_day(
     with mlflow.start_run(run_name=f"{kind} {day}", tags=tags) as run:
         mlflow.log_params(_flat_params(cfg, kind, plan))
         _log_day_inputs(cfg, day, plan)
+        shared_set, share_ratio = _shared_instances(cfg, day, plan, kind, ssim_mode)
         result = train(
             cfg,
             plan.train_days,
@@ -246,8 +254,11 @@ def train_day(
             holdout_fraction=cfg.windows.cold_start_holdout_fraction,
             checkpoint_dir=cfg.paths.reports_root / "checkpoints" / f"{kind}-{day}",
             log_fn=lambda metrics, step: mlflow.log_metrics(_finite(metrics), step=step),
+            shared_set=shared_set if share_ratio else None,
+            share_ratio=share_ratio,
         )
         mlflow.log_metrics(_finite({
+            "train/ssim_shared_rows": result.shared_rows,
             "train/samples_per_sec": result.samples_per_sec,
             "train/steps": result.steps,
             "model/n_params": sum(p.numel() for p in result.model.parameters()),
@@ -261,6 +272,26 @@ def train_day(
         info = log_serving_model(cfg, result.model, bundle, example)
         mlflow.set_tag("model_uri", info.model_uri)
         return run.info.run_id
+
+
+def _shared_instances(cfg: PipelineConfig, day: str, plan: TrainingPlan, kind: str, mode: str) -> tuple[Any, float | None]:
+    """The SSIM shared-instance set and share ratio for this run (None, None when off)."""
+    import mlflow
+
+    from training.ssim import load_shared_set, run_search_for_day
+
+    if mode == "off":
+        return None, None
+    if mode == "search":
+        info = run_search_for_day(cfg, day, plan.train_days, kind, cold_start=plan.cold_start)
+        shared, ratio = load_shared_set(cfg, info["set_id"]), info["ratio"]
+    elif mode == "reuse":
+        shared = load_shared_set(cfg)
+        ratio = shared.chosen_ratio
+    else:
+        raise ValueError(f"ssim must be off, search or reuse, got {mode!r}")
+    mlflow.set_tags({"ssim.set_id": shared.set_id, "ssim.ratio": str(ratio)})
+    return shared, ratio
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from training.data import (
 from training.losses import loss_from_config
 from training.metrics import auc, logloss
 from training.models import CVRModel, build_model, check_capacity, loss_config
+
+if TYPE_CHECKING:  # SSIM hook: training.ssim imports this module, so only for typing
+    from training.ssim import SharedSet, SharedTraining
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from_step: int | None = None
     checkpoint_path: Path | None = None
+    shared_rows: int | None = None  # SSIM hook: shared-instance rows trained on (None: no set)
 
 
 def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
@@ -321,6 +325,8 @@ def train(
     max_val_rows: int = DEFAULT_MAX_VAL_ROWS,
     on_step: Callable[[int], None] | None = None,
     num_threads: int | None = None,
+    shared_set: SharedSet | None = None,
+    share_ratio: float | None = None,
 ) -> TrainResult:
     """Train ``model_kind`` (default cfg.model.kind) on ``train_days``; see module docstring.
 
@@ -328,9 +334,14 @@ def train(
     (cold start). ``n_types`` / ``n_scenarios`` default to the vocabulary sizes.
     ``on_step(step)`` runs after each optimizer step (tests inject crashes with it).
     ``num_threads`` sets torch's intra-op threads (1 is fastest on a contended shared box).
+    ``shared_set`` (training.ssim) adds the SSIM shared-instance CTCVR loss: the search's
+    selection, or the top ``share_ratio`` per target domain by score; None trains exactly
+    as without SSIM.
     """
     if not train_days:
         raise ValueError("train() needs at least one training day")
+    if share_ratio is not None and shared_set is None:
+        raise ValueError("share_ratio needs a shared_set")
     if num_threads is not None:
         torch.set_num_threads(max(1, int(num_threads)))
     info = init_distributed(cfg.training.device)
@@ -353,6 +364,13 @@ def train(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     fingerprint = _fingerprint(cfg, train_days, model.kind, split, holdout_fraction, n_types,
                                n_scenarios, info.world_size)
+    # SSIM hook: the reuse phase's per-batch lookup (None without a set: the plain loop).
+    ssim: SharedTraining | None = None
+    if shared_set is not None:
+        from training.ssim import shared_training
+
+        ssim = shared_training(cfg, shared_set, share_ratio, n_types, n_scenarios)
+        fingerprint["ssim"] = ssim.fingerprint()
     state = _Progress()
     resumed_from = None
     if ckpt_path is not None and resume:
@@ -377,7 +395,7 @@ def train(
             })
 
     loop = _Loop(cfg, model, net, optimizer, device, info, state, val_batches, log_fn,
-                 checkpoint, on_step, log_every_steps, max_steps)
+                 checkpoint, on_step, log_every_steps, max_steps, ssim)
     if not state.done:
         loop.run(train_days, ranges.train, progress)
         state.done = True
@@ -391,7 +409,7 @@ def train(
         samples_per_sec=state.samples / state.seconds if state.seconds else 0.0,
         steps=state.step, best_val=state.best_val, best_step=state.best_step,
         stopped_early=state.stopped_early, resumed_from_step=resumed_from,
-        checkpoint_path=ckpt_path,
+        checkpoint_path=ckpt_path, shared_rows=None if ssim is None else ssim.rows_added,
     )
 
 
@@ -403,7 +421,7 @@ class _Loop:
                  state: _Progress, val_batches: list[dict[str, torch.Tensor]],
                  log_fn: LogFn | None, checkpoint: Callable[[], None],
                  on_step: Callable[[int], None] | None, log_every: int,
-                 max_steps: int | None) -> None:
+                 max_steps: int | None, ssim: SharedTraining | None = None) -> None:
         self.cfg, self.model, self.net, self.optimizer = cfg, model, net, optimizer
         self.loss_cfg = loss_config(cfg, model)
         self.device, self.info, self.state = device, info, state
@@ -411,19 +429,24 @@ class _Loop:
         self.on_step, self.log_every, self.max_steps = on_step, max(1, log_every), max_steps
         self.window_samples, self.window_seconds = 0, 0.0
         self.t_last = time.perf_counter()
+        self.ssim = ssim  # SSIM hook (training/ssim.py); None = plain training
 
     def run(self, days: Sequence[str], ranges: tuple[BucketRange, ...], show: bool) -> None:
         cfg, state = self.cfg, self.state
-        per_epoch = max(1, count_rows(cfg, days) // (cfg.training.batch_size * self.info.world_size))
+        # training.batch_size is the GLOBAL batch: under DDP each rank takes its share, so
+        # N ranks make the same number of optimizer steps on the same samples as one process.
+        rank_batch = max(1, cfg.training.batch_size // self.info.world_size)
+        per_epoch = max(1, count_rows(cfg, days) // (rank_batch * self.info.world_size))
         total = min(per_epoch * cfg.training.epochs, self.max_steps or 1 << 62)
         bar = tqdm(total=total, initial=state.step, disable=not (show and self.info.is_main),
                    unit="step", dynamic_ncols=True)
         try:
             while state.epoch < cfg.training.epochs and not self._should_stop():
                 stream = SampleStream(
-                    cfg, days, shuffle=True, epoch=state.epoch, rank=self.info.rank,
+                    cfg, days, batch_size=rank_batch, shuffle=True, epoch=state.epoch, rank=self.info.rank,
                     world_size=self.info.world_size, ranges=ranges,
                     skip_batches=state.batch_in_epoch,
+                    with_impression_id=self.ssim is not None,  # SSIM hook: ids for the lookup
                 )
                 self.t_last = time.perf_counter()
                 for batch in lockstep(stream, self.info, self.device):
@@ -446,8 +469,14 @@ class _Loop:
     def _step(self, batch: dict[str, Any], bar: tqdm) -> None:
         state = self.state
         b = batch_to_device(batch, self.device)
-        p_ctr, p_cvr = self.net(b["features"], b["type_id"], b["scenario_id"])
-        loss = loss_from_config(self.loss_cfg, p_ctr, p_cvr, b)
+        if self.ssim is None:
+            p_ctr, p_cvr = self.net(b["features"], b["type_id"], b["scenario_id"])
+            loss = loss_from_config(self.loss_cfg, p_ctr, p_cvr, b)
+        else:
+            # SSIM hook (training/ssim.py): the batch's shared instances ride along as extra
+            # rows routed to their target domains (one forward) and add their CTCVR loss; a
+            # batch without any takes exactly the plain computation above.
+            loss = self.ssim.step_loss(self.net, b, self.loss_cfg)
         # Generic hook: a model with its own regularizer (MI-DPG's mutual-information term)
         # computes it in forward and exposes it as auxiliary_loss(); it joins the total.
         auxiliary = getattr(self.model, "auxiliary_loss", None)
