@@ -1,4 +1,5 @@
-"""The MMN loss: CTR BCE + alpha * CTCVR BCE reweighted by N / N_c within each mini-batch."""
+"""The MMN loss: CTR BCE + alpha * CTCVR BCE reweighted by N / (K * N_c) within each mini-batch
+(N_c the domain's count, K the number of domains present: the weights average 1)."""
 
 from __future__ import annotations
 
@@ -22,17 +23,19 @@ def _bce(p: float, y: float) -> float:
 
 
 def test_domain_weights_hand_checked():
-    # domains: (0,0) x2, (1,0) x2, (1,1) x1, (0,1) x1 in a batch of N=6 -> N / N_c
-    assert domain_weights(TYPES, SCENARIOS).tolist() == [3.0, 3.0, 3.0, 3.0, 6.0, 6.0]
+    # domains: (0,0) x2, (1,0) x2, (1,1) x1, (0,1) x1 in a batch of N=6, K=4 -> N / (K N_c)
+    weights = domain_weights(TYPES, SCENARIOS)
+    assert weights.tolist() == pytest.approx([0.75, 0.75, 0.75, 0.75, 1.5, 1.5])
+    assert weights.mean().item() == pytest.approx(1.0)
 
 
 def test_domain_weights_are_per_batch():
-    # The same row, (0, 0), weighs N/N_c of whatever batch it lands in.
-    assert domain_weights(torch.tensor([0, 1]), torch.tensor([0, 0])).tolist() == [2.0, 2.0]
+    # The same row, (0, 0), weighs N/(K N_c) of whatever batch it lands in.
+    assert domain_weights(torch.tensor([0, 1]), torch.tensor([0, 0])).tolist() == [1.0, 1.0]
     got = domain_weights(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 0])).tolist()
-    assert got == pytest.approx([4 / 3, 4 / 3, 4 / 3, 4.0])
+    assert got == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
     # type/scenario ids must not collide when combined into a key (1,0) vs (0,10)
-    assert domain_weights(torch.tensor([1, 0]), torch.tensor([0, 10])).tolist() == [2.0, 2.0]
+    assert domain_weights(torch.tensor([1, 0]), torch.tensor([0, 10])).tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -42,15 +45,15 @@ def test_loss_hand_checked(dynamic, alpha):
     ctr = sum(_bce(p, y) for p, y in zip(P_CTR.tolist(), CLICK.tolist(), strict=True)) / 6
     ctcvr_terms = [_bce(a * b, y) for a, b, y in
                    zip(P_CTR.tolist(), P_CVR.tolist(), CONV.tolist(), strict=True)]
-    weights = [3, 3, 3, 3, 6, 6] if dynamic else [1] * 6
+    weights = [0.75, 0.75, 0.75, 0.75, 1.5, 1.5] if dynamic else [1] * 6
     ctcvr = sum(w * v for w, v in zip(weights, ctcvr_terms, strict=True)) / 6
     assert out.ctr.item() == pytest.approx(ctr, rel=1e-12)
     assert out.ctcvr.item() == pytest.approx(ctcvr, rel=1e-12)
     assert out.total.item() == pytest.approx(ctr + alpha * ctcvr, rel=1e-12)
-    if dynamic:  # equivalently: the sum over present domains of each domain's mean loss
+    if dynamic:  # equivalently: the mean over present domains of each domain's mean loss
         per_domain = [(ctcvr_terms[0] + ctcvr_terms[1]) / 2, (ctcvr_terms[2] + ctcvr_terms[3]) / 2,
                       ctcvr_terms[4], ctcvr_terms[5]]
-        assert out.ctcvr.item() == pytest.approx(sum(per_domain), rel=1e-12)
+        assert out.ctcvr.item() == pytest.approx(sum(per_domain) / 4, rel=1e-12)
 
 
 def test_loss_uses_all_impressions_for_ctcvr():
