@@ -9,7 +9,8 @@ validation CVR + CTCVR logloss, and the best weights are restored.
 Every ``cfg.training.checkpoint_every_steps`` steps the full state (model, optimizer,
 RNG, data position, early-stopping state) is written atomically; a restarted run with
 the same inputs resumes from it and ends with the same weights as an uninterrupted run.
-Under ``torchrun`` each rank trains on its own shard with DDP (gloo on CPU, NCCL on GPU).
+Under ``torchrun`` each rank trains with DDP (gloo on CPU, NCCL on GPU) on its slice of
+every global batch, with the whole batch's loss: the same steps as one process.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from training.data import (
     count_rows,
     fraction_to_buckets,
 )
-from training.losses import loss_from_config
+from training.losses import LossOutput, loss_from_config
 from training.metrics import auc, logloss
 from training.models import CVRModel, build_model, check_capacity, loss_config
 
@@ -215,6 +216,48 @@ def lockstep(batches: Iterable[dict], info: DistInfo, device: torch.device) -> I
             return
         yield batch
     all_have(False)
+
+
+def global_batch_loss(loss_cfg: Any, p_ctr: torch.Tensor, p_cvr: torch.Tensor,
+                      batch: dict[str, torch.Tensor], info: DistInfo) -> LossOutput:
+    """The loss of the GLOBAL batch (every rank's rows), differentiable in this rank's rows.
+
+    The loss depends on the whole mini-batch (dynamic weights N / N_c count domains in it),
+    so the mean of per-rank losses, which plain DDP optimizes, is not what one process
+    computes on the same global batch. Each rank gathers all ranks' predictions (detached),
+    labels and domain ids, puts its own live predictions in its block and evaluates
+    ``loss_from_config`` on the whole: the value is the single-process loss on every rank
+    and the per-rank gradients sum to its gradient; DDP averages them, so ``total`` carries
+    world_size times the gradient at an unchanged value.
+    """
+    if info.world_size == 1:
+        return loss_from_config(loss_cfg, p_ctr, p_cvr, batch)
+    cols = (p_ctr.detach(), p_cvr.detach(), batch["click"], batch["conversion"],
+            batch["type_id"], batch["scenario_id"])
+    local = torch.stack([c.to(torch.float64) for c in cols], dim=1)  # ids < 2**53: exact
+    n = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    counts = [int(k) for k in sizes]
+    padded = local.new_zeros(max(counts), local.shape[1])
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    rows = torch.cat([part[:k] for part, k in zip(parts, counts, strict=True)])
+    lo = sum(counts[:info.rank])
+    hi = lo + counts[info.rank]
+
+    def spliced(col: int, live: torch.Tensor) -> torch.Tensor:
+        other = rows[:, col].to(live.dtype)
+        return torch.cat([other[:lo], live, other[hi:]])
+
+    whole = {"click": rows[:, 2].to(batch["click"].dtype),
+             "conversion": rows[:, 3].to(batch["conversion"].dtype),
+             "type_id": rows[:, 4].to(batch["type_id"].dtype),
+             "scenario_id": rows[:, 5].to(batch["scenario_id"].dtype)}
+    loss = loss_from_config(loss_cfg, spliced(0, p_ctr), spliced(1, p_cvr), whole)
+    total = loss.total
+    return loss._replace(total=total + (info.world_size - 1) * (total - total.detach()))
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -433,7 +476,9 @@ class _Loop:
 
     def run(self, days: Sequence[str], ranges: tuple[BucketRange, ...], show: bool) -> None:
         cfg, state = self.cfg, self.state
-        # training.batch_size is the GLOBAL batch: under DDP each rank takes its share, so
+        # training.batch_size is the GLOBAL batch: under DDP each rank takes its slice of the
+        # very batch one process would see (SampleStream.iter_chunks) and the loss is that
+        # whole batch's (global_batch_loss), so DDP trains what one process trains; and
         # N ranks make the same number of optimizer steps on the same samples as one process.
         rank_batch = max(1, cfg.training.batch_size // self.info.world_size)
         per_epoch = max(1, count_rows(cfg, days) // (rank_batch * self.info.world_size))
@@ -471,7 +516,7 @@ class _Loop:
         b = batch_to_device(batch, self.device)
         if self.ssim is None:
             p_ctr, p_cvr = self.net(b["features"], b["type_id"], b["scenario_id"])
-            loss = loss_from_config(self.loss_cfg, p_ctr, p_cvr, b)
+            loss = global_batch_loss(self.loss_cfg, p_ctr, p_cvr, b, self.info)
         else:
             # SSIM hook (training/ssim.py): the batch's shared instances ride along as extra
             # rows routed to their target domains (one forward) and add their CTCVR loss; a

@@ -1,0 +1,1 @@
+"""Batch jobs of the pipeline: the raw-log generator and the Spark hash-and-join build."""
