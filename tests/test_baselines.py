@@ -265,7 +265,7 @@ def test_ple_with_several_levels_routes_and_trains(cfg):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(_loss(model, *batch)[0].detach()) < 0.8 * start
+    assert float(_loss(model, *batch)[0].detach()) < 0.9 * start
 
 
 def _trained_mi(model: MIDPG, cond: torch.Tensor, summary: torch.Tensor, steps: int = 150) -> float:
