@@ -14,7 +14,8 @@ help:
 	@echo "make test        run the test suite"
 	@echo "make mlflow-ui   open the MLflow UI on http://127.0.0.1:5000"
 	@echo "make airflow-ui  run Airflow standalone (UI on http://127.0.0.1:8080)"
-	@echo "make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD   queue a backfill (needs a scheduler)"
+	@echo "make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD   queue a backfill of logical dates (needs a scheduler)"
+	@echo "make backfill DAYS=2026-11-01:2026-11-03      the same, naming the impression days to build"
 	@echo "make rollback    point the champion alias back at the previous model"
 	@echo "make serve       serve models:/<name>@champion over HTTP on 127.0.0.1:5001"
 	@echo "make lint        ruff"
@@ -47,8 +48,9 @@ airflow-ui: venv
 	$(MMN) airflow standalone
 
 backfill: venv
-	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD"; exit 2; }
-	$(MMN) backfill --from-date $(FROM) --to-date $(TO)
+	@if [ -n "$(DAYS)" ]; then $(MMN) backfill --days $(DAYS); \
+	elif [ -n "$(FROM)" -a -n "$(TO)" ]; then $(MMN) backfill --from-date $(FROM) --to-date $(TO); \
+	else echo "usage: make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD (logical dates)  or  DAYS=FIRST:LAST (impression days)"; exit 2; fi
 
 rollback: venv
 	$(MMN) rollback

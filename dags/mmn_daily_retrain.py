@@ -1,4 +1,4 @@
-"""Daily MMN retrain: build the day's samples (Spark) -> validate (GX) -> train -> evaluate
+"""Daily MMN retrain: check the raw logs -> build the day's samples (Spark) -> validate (GX) -> train -> evaluate
 on the holdout day -> gate and promote to the ``champion`` alias (MLflow registry).
 
 The data interval is the previous day (CronDataIntervalTimetable); the impression day built
@@ -41,7 +41,14 @@ def mmn_daily_retrain() -> None:
 
         return resolve(load_config(), context["params"].get("date"), context.get("data_interval_start"))
 
+    @task(retries=0)
+    def check_raw_logs(day: str) -> int:
+        from mmn.tasks import check_raw_logs as check
+
+        return check(load_config(), day)
+
     day = resolve_day()
+    raw_ready = check_raw_logs(day)
 
     build = SparkSubmitOperator(
         task_id="build_samples",
@@ -84,7 +91,7 @@ def mmn_daily_retrain() -> None:
                         min_delta=params["min_delta"], floor=params["floor"])
 
     validated = validate(day)
-    build >> validated
+    raw_ready >> build >> validated
     mlflow_run_id = train(day)
     validated >> mlflow_run_id
     gate_and_promote(day, mlflow_run_id, evaluate(day, mlflow_run_id))

@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 
 from mmn.config import PipelineConfig, load_config
 
-DAG_ID = "mmn_daily_retrain"
-
 
 def _config_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
@@ -114,14 +112,13 @@ def cmd_airflow(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from mmn.airflow_env import apply
+    from mmn.backfill import run_backfill
 
-    apply(_cfg(args))
-    print("Backfill runs are queued; a running scheduler executes them (`make airflow-ui` starts one).")
-    argv = ["airflow", "backfill", "create", "--dag-id", DAG_ID,
-            "--from-date", args.from_date, "--to-date", args.to_date, "--reprocess-behavior", args.reprocess]
-    os.execvp(argv[0], argv)
-    return 0
+    days = tuple(args.days.split(":", 1)) if args.days else None
+    if days is not None and len(days) != 2:
+        raise ValueError("--days takes FIRST:LAST impression days, e.g. 2026-11-01:2026-11-03")
+    return run_backfill(_cfg(args), from_date=args.from_date, to_date=args.to_date, days=days,
+                        reprocess=args.reprocess)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -208,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_airflow)
 
     p = sub.add_parser("backfill", parents=[parent], help="queue a backfill of the daily DAG")
-    p.add_argument("--from-date", required=True)
-    p.add_argument("--to-date", required=True)
+    p.add_argument("--from-date", help="first logical date (Airflow's --from-date)")
+    p.add_argument("--to-date", help="last logical date, inclusive (Airflow's --to-date)")
+    p.add_argument("--days", metavar="FIRST:LAST", help="or: the impression days to build, e.g. 2026-11-01:2026-11-03")
     p.add_argument("--reprocess", default="completed", choices=["none", "failed", "completed"])
     p.set_defaults(func=cmd_backfill)
 

@@ -18,24 +18,7 @@ from typing import Any
 
 from mmn.airflow_env import apply
 from mmn.config import REPO_ROOT, PipelineConfig
-
-
-def logical_date_for(cfg: PipelineConfig, day: str) -> dt.datetime:
-    """The ``dag.test`` date of the run whose data interval, less the label delay, is ``day``.
-
-    ``dag.test(logical_date=X)`` infers the data interval that *ends* at X, so X is the
-    interval's start (day + label delay) plus one day, at the schedule's time.
-    """
-    hour, minute = _cron_time(cfg.airflow.schedule)
-    end = dt.date.fromisoformat(day) + dt.timedelta(days=cfg.windows.label_delay_days + 1)
-    return dt.datetime(end.year, end.month, end.day, hour, minute, tzinfo=dt.UTC)
-
-
-def _cron_time(cron: str) -> tuple[int, int]:
-    minute, hour, *_ = cron.split()
-    if not (minute.isdigit() and hour.isdigit()):
-        raise ValueError(f"the demo needs a daily cron with fixed minute and hour, got {cron!r}")
-    return int(hour), int(minute)
+from mmn.schedule import logical_date_for
 
 
 def migrate_airflow_db() -> None:

@@ -42,7 +42,18 @@ def resolve_day(cfg: PipelineConfig, explicit: str | None, interval_start: dt.da
         return parse_day(explicit).isoformat()
     if interval_start is None:
         raise ValueError("no date given and the run has no data interval")
-    return (interval_start.date() - dt.timedelta(days=cfg.windows.label_delay_days)).isoformat()
+    from mmn.schedule import day_built_by
+
+    return day_built_by(cfg, interval_start)
+
+
+def check_raw_logs(cfg: PipelineConfig, day: str) -> int:
+    """Fail in seconds, naming the folder, when day D has no impressions (before Spark starts)."""
+    from mmn.raw_inputs import require_impressions
+
+    files = require_impressions(cfg, day)
+    log.info("raw impressions of %s: %d file(s) under %s", day, len(files), cfg.paths.raw_dir("impressions", day))
+    return len(files)
 
 
 def is_built(cfg: PipelineConfig, day: str) -> bool:

@@ -50,6 +50,7 @@ from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql import types as T  # noqa: E402
 
 from mmn.config import ConfigError, FeatureField, PipelineConfig, load_config  # noqa: E402
+from mmn.raw_inputs import MissingRawLogsError, data_files, require_impressions  # noqa: E402
 from mmn.vocab import Vocabulary, load_vocab, save_vocab  # noqa: E402
 
 LOGS = ("impressions", "clicks", "conversions")
@@ -83,7 +84,6 @@ EXPLAINED_REASONS = (DUPLICATE, OTHER_IMPRESSION_DAY, OTHER_PARTITION, IMPRESSIO
                      REPEAT_CLICK, CLICK_NOT_COUNTED, CLICK_INVALID, OUTSIDE_ATTRIBUTION_WINDOW, REPEAT_CONVERSION)
 
 USED, QUARANTINED, EXPLAINED = "used", "quarantined", "explained"
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 CORRUPT = "_corrupt_record"
 ISO_TS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
 NUMERIC_VARIANT = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL\(.*\))$"
@@ -171,16 +171,6 @@ def partition_spans(cfg: PipelineConfig) -> tuple[int, int]:
     click_days = math.ceil(cfg.windows.click_window_minutes / 1440)
     conversion_days = math.ceil((cfg.windows.click_window_minutes + cfg.windows.attribution_window_hours * 60) / 1440)
     return click_days, conversion_days
-
-
-def data_files(directory: Path) -> tuple[list[str], list[str]]:
-    """JSON-lines and Parquet data files of one partition (hidden and marker files skipped)."""
-    if not directory.is_dir():
-        return [], []
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
-    text = [str(p) for p in files if p.name.endswith(TEXT_SUFFIXES)]
-    parquet = [str(p) for p in files if p.name.endswith(".parquet")]
-    return text, parquet
 
 
 def _file_path() -> Column:
@@ -468,6 +458,36 @@ def _duplicates(ranked: DataFrame) -> DataFrame:
         F.lit(EXPLAINED).alias("status"), F.lit(DUPLICATE).alias("reason"))
 
 
+def child_status(parent_ts: Column, delta: Column, known_elsewhere: Column, mine: Column, *,
+                 before_parent: str, not_counted: Sequence[tuple[Column, str]], repeat: str,
+                 orphan: str) -> tuple[Column, Column]:
+    """(status, reason) of a deduplicated child event: a click of an impression, or a
+    conversion of a click. Needs ``_in`` (inside the window) and ``_first`` (rank per parent).
+
+    Matched to a day-D parent: before it -> quarantined; the first one inside the window ->
+    used; otherwise explained, the first of ``not_counted`` that holds saying why, else a
+    repeat. Unmatched: explained when ``known_elsewhere`` names why; an orphan quarantined
+    when it sits in day D's partition; else left to its own partition's build.
+    """
+    matched = parent_ts.isNotNull()
+    status = (F.when(matched,
+                     F.when(delta < 0, F.lit(QUARANTINED))
+                     .when(F.col("_in") & (F.col("_first") == 1), F.lit(USED))
+                     .otherwise(F.lit(EXPLAINED)))
+              .when(known_elsewhere.isNotNull(), F.lit(EXPLAINED))
+              .when(mine, F.lit(QUARANTINED))
+              .otherwise(F.lit(EXPLAINED)))
+    why = F.when(delta < 0, F.lit(before_parent))
+    for condition, code in not_counted:
+        why = why.when(condition, F.lit(code))
+    why = why.otherwise(F.when(F.col("_first") > 1, F.lit(repeat)))
+    reason = (F.when(matched, why)
+              .when(known_elsewhere.isNotNull(), known_elsewhere)
+              .when(mine, F.lit(orphan))
+              .otherwise(F.lit(OTHER_PARTITION)))
+    return status, reason
+
+
 def classify_clicks(clicks: DataFrame, imp_keys: DataFrame, lookup: DataFrame, day: str,
                     window_us: int) -> DataFrame:
     """One row per click record: ``status`` (used | quarantined | explained) and ``reason``.
@@ -482,21 +502,9 @@ def classify_clicks(clicks: DataFrame, imp_keys: DataFrame, lookup: DataFrame, d
     in_window = F.col("imp_ts").isNotNull() & (delta >= 0) & (delta <= window_us)
     # Partitioned like the joins above (by ref), so ranking costs no extra shuffle.
     unique = first_by(unique.withColumn("_in", in_window), ["ref"], [F.col("_in").desc(), "ts", "id"], "_first")
-    mine = F.col("part_day") == day
-    status = (F.when(F.col("imp_ts").isNotNull(),
-                     F.when(delta < 0, F.lit(QUARANTINED))
-                     .when(F.col("_in") & (F.col("_first") == 1), F.lit(USED))
-                     .otherwise(F.lit(EXPLAINED)))
-              .when(F.col("origin").isNotNull(), F.lit(EXPLAINED))
-              .when(mine, F.lit(QUARANTINED))
-              .otherwise(F.lit(EXPLAINED)))
-    reason = (F.when(F.col("imp_ts").isNotNull(),
-                     F.when(delta < 0, F.lit(CLICK_BEFORE_IMPRESSION))
-                     .when(~F.col("_in"), F.lit(OUTSIDE_CLICK_WINDOW))
-                     .otherwise(F.when(F.col("_first") > 1, F.lit(REPEAT_CLICK))))
-              .when(F.col("origin").isNotNull(), F.col("origin"))
-              .when(mine, F.lit(ORPHAN_CLICK))
-              .otherwise(F.lit(OTHER_PARTITION)))
+    status, reason = child_status(
+        F.col("imp_ts"), delta, F.col("origin"), F.col("part_day") == day, before_parent=CLICK_BEFORE_IMPRESSION,
+        not_counted=[(~F.col("_in"), OUTSIDE_CLICK_WINDOW)], repeat=REPEAT_CLICK, orphan=ORPHAN_CLICK)
     classified = unique.select("id", "ref", "ts", "value", "source_file", "part_day",
                                status.alias("status"), reason.alias("reason"),
                                F.col("imp_ts").isNotNull().alias("imp_matched"))
@@ -532,22 +540,10 @@ def classify_conversions(convs: DataFrame, click_status: DataFrame, lookup: Data
     delta = F.unix_micros("ts") - F.unix_micros("click_ts")
     candidate = F.col("click_ts").isNotNull() & F.col("counted") & (delta >= 0) & (delta <= window_us)
     unique = first_by(unique.withColumn("_in", candidate), ["ref"], [F.col("_in").desc(), "ts", "id"], "_first")
-    mine = F.col("part_day") == day
-    status = (F.when(F.col("click_ts").isNotNull(),
-                     F.when(delta < 0, F.lit(QUARANTINED))
-                     .when(F.col("_in") & (F.col("_first") == 1), F.lit(USED))
-                     .otherwise(F.lit(EXPLAINED)))
-              .when(F.col("kind").isNotNull(), F.lit(EXPLAINED))
-              .when(mine, F.lit(QUARANTINED))
-              .otherwise(F.lit(EXPLAINED)))
-    reason = (F.when(F.col("click_ts").isNotNull(),
-                     F.when(delta < 0, F.lit(CONVERSION_BEFORE_CLICK))
-                     .when(~F.col("counted"), F.lit(CLICK_NOT_COUNTED))
-                     .when(~F.col("_in"), F.lit(OUTSIDE_ATTRIBUTION_WINDOW))
-                     .otherwise(F.when(F.col("_first") > 1, F.lit(REPEAT_CONVERSION))))
-              .when(F.col("kind").isNotNull(), F.col("kind"))
-              .when(mine, F.lit(ORPHAN_CONVERSION))
-              .otherwise(F.lit(OTHER_PARTITION)))
+    status, reason = child_status(
+        F.col("click_ts"), delta, F.col("kind"), F.col("part_day") == day, before_parent=CONVERSION_BEFORE_CLICK,
+        not_counted=[(~F.col("counted"), CLICK_NOT_COUNTED), (~F.col("_in"), OUTSIDE_ATTRIBUTION_WINDOW)],
+        repeat=REPEAT_CONVERSION, orphan=ORPHAN_CONVERSION)
     classified = unique.select("id", "ref", "ts", "value", "source_file", "part_day",
                                status.alias("status"), reason.alias("reason"), "impression")
     others = status_of_invalid(convs, day).unionByName(_duplicates(ranked))
@@ -655,11 +651,10 @@ def configure(spark: SparkSession, cfg: PipelineConfig) -> None:
 
 
 def _require_impressions(cfg: PipelineConfig, day: str) -> None:
-    directory = cfg.paths.raw_dir("impressions", day)
-    text, parquet = data_files(directory)
-    if not any(Path(p).stat().st_size > 0 for p in text + parquet):
-        raise MissingInputError(f"build {day}: no impressions to build: {directory} is missing or has no "
-                                "non-empty *.jsonl[.gz] / *.parquet file")
+    try:
+        require_impressions(cfg, day)
+    except MissingRawLogsError as exc:
+        raise MissingInputError(str(exc)) from None
 
 
 class PhaseTimer:

@@ -21,7 +21,8 @@ def dag():
 def test_task_graph(dag):
     downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert downstream == {
-        "resolve_day": ["build_samples", "evaluate", "gate_and_promote", "train", "validate"],
+        "resolve_day": ["build_samples", "check_raw_logs", "evaluate", "gate_and_promote", "train", "validate"],
+        "check_raw_logs": ["build_samples"],
         "build_samples": ["validate"],
         "validate": ["train"],
         "train": ["evaluate", "gate_and_promote"],

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from mmn.config import load_config
-from mmn.demo import load_dag, logical_date_for
+from mmn.demo import load_dag
+from mmn.schedule import logical_date_for
 
 pytestmark = pytest.mark.e2e
 
