@@ -2,11 +2,10 @@
 ``@register_model("<kind>")`` factory, imported below."""
 
 # Importing a model module registers its kinds.
-from training.models import dnn, dpg, esmm, mmn, mmoe, mtfwfm, ple, star  # noqa: E402,F401
+from training.models import dnn, dpg, mmn, mmoe, mtfwfm, ple, star  # noqa: E402,F401
 from training.models.base import CVRModel
 from training.models.dnn import DNN
 from training.models.dpg import DPG, MIDPG
-from training.models.esmm import ESMM
 from training.models.mmn import MMN
 from training.models.mmoe import MMoE
 from training.models.mtfwfm import MTFwFM
@@ -25,7 +24,6 @@ __all__ = [
     "CVRModel",
     "DNN",
     "DPG",
-    "ESMM",
     "MIDPG",
     "MMN",
     "MMoE",

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from mmn.config import PipelineConfig
+from training.layers import FeatureEmbedding, ProbabilityTower
+
+
+def config_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Constructor arguments every zoo model reads from the config: the hashed feature
+    fields (the type and scenario ids are appended as two more fields) and the CTR tower."""
+    return {
+        "feature_cardinalities": [f.cardinality for f in cfg.features],
+        "embedding_dim": cfg.model.embedding_dim,
+        "ctr_hidden": cfg.model.ctr_hidden,
+        "field_names": [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field],
+    }
 
 
 class CVRModel(nn.Module):
@@ -26,6 +41,16 @@ class CVRModel(nn.Module):
             raise ValueError(f"need >= 1 type and scenario, got {n_types} x {n_scenarios}")
         self.n_types = int(n_types)
         self.n_scenarios = int(n_scenarios)
+
+    def build_shared_inputs(self, feature_cardinalities: Sequence[int], embedding_dim: int,
+                            ctr_hidden: Sequence[int], field_names: Sequence[str] | None = None) -> int:
+        """The parts all zoo models share, so comparisons isolate the CVR side: the embedding
+        (features + type + scenario fields) and the CTR tower. Returns the embedding width."""
+        self.embedding = FeatureEmbedding(
+            [*feature_cardinalities, self.n_types, self.n_scenarios], embedding_dim,
+            list(field_names) if field_names else None)
+        self.ctr_tower = ProbabilityTower(self.embedding.output_dim, ctr_hidden)
+        return self.embedding.output_dim
 
     @property
     def n_domain_param_sets(self) -> int:

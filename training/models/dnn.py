@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from mmn.config import PipelineConfig
-from training.layers import FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.layers import ProbabilityTower
+from training.models.base import CVRModel, config_inputs
 from training.models.zoo import register_model
 
 
@@ -32,24 +32,12 @@ class DNN(CVRModel):
         field_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names
-        )
-        self.ctr_tower = ProbabilityTower(self.embedding.output_dim, ctr_hidden)
-        self.cvr_tower = ProbabilityTower(self.embedding.output_dim, cvr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
+        self.cvr_tower = ProbabilityTower(d_in, cvr_hidden)
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int) -> DNN:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls(
-            [f.cardinality for f in cfg.features],
-            cfg.model.embedding_dim,
-            cfg.model.ctr_hidden,
-            cfg.model.cvr_hidden,
-            n_types,
-            n_scenarios,
-            field_names=names,
-        )
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types, n_scenarios=n_scenarios)
 
     def forward(self, features: torch.Tensor, type_id: torch.Tensor,
                 scenario_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,4 +47,13 @@ class DNN(CVRModel):
 
 @register_model("dnn")
 def _build_dnn(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> DNN:
+    return DNN.from_config(cfg, n_types, n_scenarios)
+
+
+@register_model("esmm")
+def _build_esmm(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> DNN:
+    """ESMM (Ma et al., SIGIR'18): CTR and CVR towers on a shared embedding, trained on all
+    impressions through p_ctcvr = p_ctr * p_cvr. That objective is the loss every zoo model
+    trains with, and ESMM sees the domain only as input fields, so it is this same network;
+    the kind keeps the paper's baseline name in comparison tables."""
     return DNN.from_config(cfg, n_types, n_scenarios)

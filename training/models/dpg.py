@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmn.config import PipelineConfig
-from training.layers import MLP, FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.layers import MLP
+from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.mmoe import DENSE_MAX_ELEMS
 from training.models.zoo import ModelFactory, register_model
@@ -151,10 +151,7 @@ class DPG(CVRModel):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.variant = variant
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names)
-        d_in = self.embedding.output_dim
-        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         self.cond_dim = 2 * self.embedding.dim
         self.generator = MLP(self.cond_dim, [generator_hidden])
         dims = [d_in, *(int(h) for h in cvr_hidden), 1]
@@ -164,10 +161,8 @@ class DPG(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     **kwargs: object) -> DPG:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls([f.cardinality for f in cfg.features], cfg.model.embedding_dim,
-                   cfg.model.ctr_hidden, cfg.model.cvr_hidden, n_types, n_scenarios,
-                   field_names=names, **kwargs)  # type: ignore[arg-type]
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
+                   n_scenarios=n_scenarios, **kwargs)  # type: ignore[arg-type]
 
     def scenario_input(self, type_id: torch.Tensor, scenario_id: torch.Tensor) -> torch.Tensor:
         """The domain's input to the generator: [type embedding, scenario embedding]."""

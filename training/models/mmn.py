@@ -9,11 +9,12 @@ own domain's composed tower only.
 ``forward_naive`` is the paper's literal formulation (every instance through all
 N_t x N_s towers, multiplied by one-hot domain masks, summed): the reference.
 ``forward`` computes the same function exactly, using linearity of the composition:
-``h @ W(t, s) = h @ W_shared + h @ W_type[t] + h @ W_scenario[s]``; the shared term is
-one matmul over the batch, the type and scenario terms are grouped matmuls over the
-rows of each present type / scenario (rows sorted by group once per forward, one
-contiguous matmul per present group, see ``grouped.py``), and tiny layers (the 1-unit
-output) multiply by every group's weights at once and select with the one-hot mask.
+``h @ W(t, s) = h @ (W_shared + W_type[t]) + h @ W_scenario[s]``; the first term is
+composed once per type (N_t additions of a layer's weights) and both are grouped matmuls
+over the rows of each present type / scenario (rows sorted by group once per forward, one
+contiguous matmul per present group, see ``grouped.py``): two matmuls' flops per layer.
+Tiny layers (the 1-unit output) multiply by every group's weights at once and select
+with the one-hot mask.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import torch
 from torch import nn
 
 from mmn.config import PipelineConfig
-from training.layers import FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.zoo import register_model
 
@@ -100,19 +100,20 @@ class ComposedTower(nn.Module):
         by_scenario = GroupPlan.build(scenario_id, self.n_scenarios, x.dtype)
         h = x
         for i in range(self.n_layers):
-            dense = self.dims[i] * self.dims[i + 1] <= DENSE_MAX_ELEMS
-            h = (torch.addmm(self.bias_shared[i], h, self.weight_shared[i])
-                 + self._delta(by_type, h, self.weight_type[i], self.bias_type[i], dense)
-                 + self._delta(by_scenario, h, self.weight_scenario[i], self.bias_scenario[i], dense))
+            if self.dims[i] * self.dims[i + 1] <= DENSE_MAX_ELEMS:
+                h = (torch.addmm(self.bias_shared[i], h, self.weight_shared[i])
+                     + by_type.linear_dense(h, self.weight_type[i], self.bias_type[i])
+                     + by_scenario.linear_dense(h, self.weight_scenario[i], self.bias_scenario[i]))
+            else:
+                # theta_shared + theta_type composed once per type (N_t small adds), so each
+                # row pays two grouped matmuls instead of a shared one plus two grouped.
+                weight = self.weight_shared[i].unsqueeze(0) + self.weight_type[i]
+                bias = self.bias_shared[i].unsqueeze(0) + self.bias_type[i]
+                h = (by_type.linear(h, weight, bias)
+                     + by_scenario.linear(h, self.weight_scenario[i], self.bias_scenario[i]))
             if i < self.n_layers - 1:
                 h = torch.relu(h)
         return h.squeeze(-1)
-
-    @staticmethod
-    def _delta(plan: GroupPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               dense: bool) -> torch.Tensor:
-        """h_i @ W[g_i] + b[g_i]: grouped matmuls, or a dense one-hot select for tiny layers."""
-        return plan.linear_dense(h, weight, bias) if dense else plan.linear(h, weight, bias)
 
 
 class MMN(CVRModel):
@@ -134,33 +135,20 @@ class MMN(CVRModel):
             raise ValueError(f"domain_params must be one of {DOMAIN_PARAMS}, got {domain_params!r}")
         self.domain_params = domain_params
         self.kind = "mmn" if domain_params == "full" else "mmn_common_only"
-        names = list(field_names) if field_names else None
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, names
-        )
-        d_in = self.embedding.output_dim
-        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         self.cvr_tower = ComposedTower(
             [d_in, *cvr_hidden, 1], n_types, n_scenarios, domain_specific=domain_params == "full"
         )
         self.predict_cache_size = self.n_types * self.n_scenarios
         self._predict_cache: OrderedDict[tuple[int, int], list[Layer]] = OrderedDict()
         self._cache_versions: tuple[int, ...] | None = None
+        self._cvr_params: list[nn.Parameter] | None = None
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     domain_params: str | None = None) -> MMN:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls(
-            [f.cardinality for f in cfg.features],
-            cfg.model.embedding_dim,
-            cfg.model.ctr_hidden,
-            cfg.model.cvr_hidden,
-            n_types,
-            n_scenarios,
-            domain_params=domain_params or cfg.model.domain_params,
-            field_names=names,
-        )
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types, n_scenarios=n_scenarios,
+                   domain_params=domain_params or cfg.model.domain_params)
 
     @property
     def n_domain_param_sets(self) -> int:
@@ -200,19 +188,28 @@ class MMN(CVRModel):
         feats, t, s = self.domain_tensors(features, type_id, scenario_id)
         x = self.embedding(feats, t, s)
         layers = self._cached_tower(int(type_id), int(scenario_id))
-        return self.ctr_tower(x), torch.sigmoid(ComposedTower.run(x, layers))
+        h = x
+        for i, (weight_t, bias) in enumerate(layers):  # nn.Linear's layout and kernel, as DNN
+            h = torch.nn.functional.linear(h, weight_t, bias)
+            if i < len(layers) - 1:
+                h = torch.relu(h)
+        return self.ctr_tower(x), torch.sigmoid(h.squeeze(-1))
 
     def _cached_tower(self, type_id: int, scenario_id: int) -> list[Layer]:
+        """Composed (weight [out, in], bias) per layer of one domain, cached per domain."""
         # Parameter version counters catch in-place updates (optimizer steps) that happen
-        # without a train()/load_state_dict() call in between.
-        versions = tuple(p._version for p in self.cvr_tower.parameters())
+        # without a train()/load_state_dict() call in between. The parameter list is kept
+        # flat: walking Module.parameters() per request costs more than the tower itself.
+        if self._cvr_params is None:
+            self._cvr_params = list(self.cvr_tower.parameters())
+        versions = tuple(p._version for p in self._cvr_params)
         if versions != self._cache_versions:
             self._predict_cache.clear()
             self._cache_versions = versions
         key = (type_id, scenario_id)
         layers = self._predict_cache.get(key)
         if layers is None:
-            layers = [(w.detach().clone(), b.detach().clone())
+            layers = [(w.detach().t().contiguous(), b.detach().clone())
                       for w, b in self.cvr_tower.composed(type_id, scenario_id)]
             self._predict_cache[key] = layers
             while len(self._predict_cache) > max(1, self.predict_cache_size):
@@ -224,6 +221,7 @@ class MMN(CVRModel):
     def clear_predict_cache(self) -> None:
         self._predict_cache.clear()
         self._cache_versions = None
+        self._cvr_params = None
 
     def train(self, mode: bool = True) -> MMN:
         self.clear_predict_cache()

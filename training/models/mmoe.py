@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from mmn.config import PipelineConfig
-from training.layers import FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.zoo import register_model
 
@@ -92,6 +91,13 @@ class ExpertBank(nn.Module):
         return h
 
 
+def task_count(model: CVRModel, task_axis: str) -> int:
+    """Tasks of a multi-task baseline: one per conversion type or one per display scenario."""
+    if task_axis not in TASK_AXES:
+        raise ValueError(f"task_axis must be one of {TASK_AXES}, got {task_axis!r}")
+    return model.n_types if task_axis == "type" else model.n_scenarios
+
+
 class RoutedTower(nn.Module):
     """One ReLU MLP (1-unit logit output) per group; each row runs its own group's only."""
 
@@ -138,17 +144,11 @@ class MMoE(CVRModel):
         field_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
-        if task_axis not in TASK_AXES:
-            raise ValueError(f"task_axis must be one of {TASK_AXES}, got {task_axis!r}")
-        self.task_axis = task_axis
-        self.n_tasks = self.n_types if task_axis == "type" else self.n_scenarios
+        self.task_axis, self.n_tasks = task_axis, task_count(self, task_axis)
         default_experts, default_tower = split_hidden(cvr_hidden)
         expert_hidden = tuple(expert_hidden or default_experts)
         tower_hidden = tuple(default_tower if tower_hidden is None else tower_hidden)
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names)
-        d_in = self.embedding.output_dim
-        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         self.experts = ExpertBank(d_in, expert_hidden, n_experts)
         # All tasks' gate logits come from one [in, K * E] matmul (K * E is small), and
         # each row keeps its own task's E logits.
@@ -158,10 +158,8 @@ class MMoE(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     task_axis: str = "type", **kwargs: object) -> MMoE:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls([f.cardinality for f in cfg.features], cfg.model.embedding_dim,
-                   cfg.model.ctr_hidden, cfg.model.cvr_hidden, n_types, n_scenarios,
-                   task_axis=task_axis, field_names=names, **kwargs)  # type: ignore[arg-type]
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
+                   n_scenarios=n_scenarios, task_axis=task_axis, **kwargs)  # type: ignore[arg-type]
 
     @property
     def n_domain_param_sets(self) -> int:

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from mmn.config import PipelineConfig
-from training.layers import FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.models.base import CVRModel, config_inputs
 from training.models.zoo import register_model
 
 
@@ -41,10 +40,8 @@ class MTFwFM(CVRModel):
         field_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names)
+        self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         n_fields, dim = self.embedding.n_fields, self.embedding.dim
-        self.ctr_tower = ProbabilityTower(self.embedding.output_dim, ctr_hidden)
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
@@ -55,9 +52,7 @@ class MTFwFM(CVRModel):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MTFwFM:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls([f.cardinality for f in cfg.features], cfg.model.embedding_dim,
-                   cfg.model.ctr_hidden, n_types, n_scenarios, names)
+        return cls(**config_inputs(cfg), n_types=n_types, n_scenarios=n_scenarios)
 
     @property
     def n_domain_param_sets(self) -> int:

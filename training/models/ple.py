@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from mmn.config import PipelineConfig
-from training.layers import FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
-from training.models.mmoe import TASK_AXES, ExpertBank, RoutedTower, routed_linear, split_hidden, uniform_
+from training.models.mmoe import ExpertBank, RoutedTower, routed_linear, split_hidden, task_count, uniform_
 from training.models.zoo import register_model
 
 DEFAULT_SHARED_EXPERTS = 2
@@ -112,19 +111,13 @@ class PLE(CVRModel):
         field_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
-        if task_axis not in TASK_AXES:
-            raise ValueError(f"task_axis must be one of {TASK_AXES}, got {task_axis!r}")
         if n_shared < 1 or n_specific < 1:
             raise ValueError("PLE needs >= 1 shared and >= 1 task-specific expert")
-        self.task_axis = task_axis
-        self.n_tasks = self.n_types if task_axis == "type" else self.n_scenarios
+        self.task_axis, self.n_tasks = task_axis, task_count(self, task_axis)
         default_levels, default_tower = split_hidden(cvr_hidden)
         level_dims = tuple(level_dims or default_levels)
         tower_hidden = tuple(default_tower if tower_hidden is None else tower_hidden)
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names)
-        d_in = self.embedding.output_dim
-        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         dims = [d_in, *level_dims]
         self.levels = nn.ModuleList(
             ExtractionLevel(a, b, self.n_tasks, n_shared, n_specific, last=i == len(level_dims) - 1)
@@ -134,10 +127,8 @@ class PLE(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     task_axis: str = "type", **kwargs: object) -> PLE:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls([f.cardinality for f in cfg.features], cfg.model.embedding_dim,
-                   cfg.model.ctr_hidden, cfg.model.cvr_hidden, n_types, n_scenarios,
-                   task_axis=task_axis, field_names=names, **kwargs)  # type: ignore[arg-type]
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
+                   n_scenarios=n_scenarios, task_axis=task_axis, **kwargs)  # type: ignore[arg-type]
 
     @property
     def n_domain_param_sets(self) -> int:

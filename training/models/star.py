@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from mmn.config import PipelineConfig
-from training.layers import MLP, FeatureEmbedding, ProbabilityTower
-from training.models.base import CVRModel
+from training.layers import MLP
+from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.mmoe import DENSE_MAX_ELEMS
 from training.models.zoo import register_model
@@ -130,10 +130,7 @@ class STAR(CVRModel):
     ) -> None:
         super().__init__(n_types, n_scenarios)
         n_domains = self.n_types * self.n_scenarios
-        self.embedding = FeatureEmbedding(
-            [*feature_cardinalities, n_types, n_scenarios], embedding_dim, field_names)
-        d_in = self.embedding.output_dim
-        self.ctr_tower = ProbabilityTower(d_in, ctr_hidden)
+        d_in = self.build_shared_inputs(feature_cardinalities, embedding_dim, ctr_hidden, field_names)
         self.norm = PartitionedNorm(d_in, n_domains)
         self.star = StarFCN([d_in, *cvr_hidden, 1], n_domains)
         # The paper's auxiliary network is a small 2-layer FCN: default one hidden layer
@@ -145,10 +142,8 @@ class STAR(CVRModel):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int) -> STAR:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
-        return cls([f.cardinality for f in cfg.features], cfg.model.embedding_dim,
-                   cfg.model.ctr_hidden, cfg.model.cvr_hidden, n_types, n_scenarios,
-                   field_names=names)
+        return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
+                   n_scenarios=n_scenarios)
 
     @property
     def n_domain_param_sets(self) -> int:
