@@ -55,7 +55,8 @@ def test_table_files_have_one_row_per_model(result):
     assert set(result.files) == {"markdown", "csv", "json", "heatmap"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in result.files.values())
     table = pd.read_csv(result.files["csv"], index_col="model")
-    assert list(table.index) == KINDS
+    assert list(table.index) == [*KINDS, "oracle"]  # synthetic data carries true probabilities
+    assert (table.loc["oracle", "overall"] > table.loc[KINDS, "overall"]).all()
     expected = ([f"type/{t}" for t in type_names(N_TYPES)] + ["type_avg"]
                 + [f"scenario/{s}" for s in scenario_names(N_SCENARIOS)]
                 + ["scenario_avg", "domain_avg", "overall", "n_params", "n_domain_param_sets"])
@@ -109,6 +110,19 @@ def test_table_with_several_seeds_reports_mean_and_std():
     assert "**0.7200 ± 0.0283**" in text and "n/a" in text
     grid = domain_gain(metrics, types, scenarios)
     assert grid[0, 0] == pytest.approx(0.025) and math.isnan(grid[1, 0])
+
+
+def test_table_gets_an_oracle_row_when_true_probabilities_were_scored():
+    types, scenarios = ["a"], ["x"]
+    run = {"cvr_auc_type/a": 0.7, "cvr_auc_type_avg": 0.7, "cvr_auc_scenario/x": 0.7, "cvr_auc_scenario_avg": 0.7,
+           "cvr_auc_domain_avg": 0.7, "cvr_auc": 0.7, "oracle_cvr_auc": 0.9, "oracle_cvr_auc_type/a": 0.9,
+           "oracle_cvr_auc_type_avg": 0.9, "oracle_cvr_auc_scenario/x": 0.88, "oracle_cvr_auc_scenario_avg": 0.88,
+           "oracle_cvr_auc_domain_avg": 0.87}
+    table = comparison_table({"mmn": {1: run}, "dnn": {1: {**run, "cvr_auc_type/a": 0.6}}}, types, scenarios)
+    assert table.loc["oracle", "type/a"] == pytest.approx(0.9)
+    assert table.loc["oracle", "domain_avg"] == pytest.approx(0.87)
+    text = to_markdown(table, types, scenarios, "caption")
+    assert "| *oracle* | 0.9000 |" in text and "**0.7000**" in text  # the oracle is never "best"
 
 
 def test_cli_and_argument_checks(data_cfg, tmp_path, capsys):

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ARTIFACT_DIR = "comparison"
 GAIN_BASE, GAIN_MODEL = "dnn", "mmn"  # the heatmap: MMN's gain over the DNN baseline
 PARAM_COLUMNS = ("n_params", "n_domain_param_sets")
+ORACLE_ROW = "oracle"  # the generator's true probabilities on the same rows
 
 
 @dataclass
@@ -94,9 +95,23 @@ def comparison_table(metrics: dict[str, dict[int, dict[str, Any]]], types: Seque
             if multi and column not in PARAM_COLUMNS:
                 row[f"{column}_std"] = std
         rows[kind] = row
+    oracle = _oracle_row(metrics, types, scenarios)
+    if oracle:
+        rows[ORACLE_ROW] = oracle
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "model"
     return table
+
+
+def _oracle_row(metrics: dict[str, dict[int, dict[str, Any]]], types: Sequence[str],
+                scenarios: Sequence[str]) -> dict[str, float]:
+    """The generator's true probabilities scored on the same holdout rows: the ceiling every
+    model's row is read against. The rows are the same for every run, so one run's is enough."""
+    first = next((m for per_seed in metrics.values() for m in per_seed.values()
+                  if m.get("oracle_cvr_auc") is not None), None)
+    if first is None:
+        return {}
+    return {column: _value(first, f"oracle_{key}") for column, key in auc_columns(types, scenarios)}
 
 
 def to_markdown(table: pd.DataFrame, types: Sequence[str], scenarios: Sequence[str],
@@ -104,19 +119,21 @@ def to_markdown(table: pd.DataFrame, types: Sequence[str], scenarios: Sequence[s
     """The table as GitHub Markdown: ``mean ± std`` cells, the best model per column bold."""
     columns = [c for c, _ in auc_columns(types, scenarios)]
     header = ["model", *columns, *PARAM_COLUMNS]
-    best = {c: table[c].max(skipna=True) for c in columns}
+    models = table.drop(index=ORACLE_ROW, errors="ignore")
+    best = {c: models[c].max(skipna=True) for c in columns}
     lines = [caption, "", "| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for kind, row in table.iterrows():
-        cells = [f"`{kind}`"]
+        is_model = kind != ORACLE_ROW
+        cells = [f"`{kind}`" if is_model else f"*{kind}*"]
         for c in columns:
             mean, std = row[c], row.get(f"{c}_std", float("nan"))
             if math.isnan(mean):
                 cells.append("n/a")
                 continue
             text = f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
-            cells.append(f"**{text}**" if mean == best[c] and len(table) > 1 else text)
-        cells += [("n/a" if math.isnan(row[c]) else f"{int(row[c]):,}") for c in PARAM_COLUMNS]
+            cells.append(f"**{text}**" if is_model and mean == best[c] and len(models) > 1 else text)
+        cells += [("n/a" if math.isnan(row.get(c, float("nan"))) else f"{int(row[c]):,}") for c in PARAM_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,129 @@
+"""Accuracy study: MMN vs baselines vs the oracle on generated data, per preset, over seeds.
+
+For each generator preset, in its own scratch lake and MLflow store: generate
+``--train-days + 1`` days of raw logs, build every day with the real Spark job
+(spark-submit), then run :func:`training.compare.compare` (the same code as
+`mmn compare` and the comparison DAG) with the last day as holdout. Prints each preset's
+paper-style table (with the oracle row: the generator's true probabilities on the same
+rows) and a summary of average per-type / per-scenario / per-domain CVR AUC, mean ± std
+over seeds, each model's gap to the oracle, and its training samples/s.
+
+    PYTHONPATH=. python benchmarks/bench_accuracy.py --presets newsfeed,criteo \\
+        --kinds mmn,dnn --seeds 1,2,3 --impressions 150000 --out /tmp/bench/accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmn.config import load_config
+
+AVERAGES = ("type_avg", "scenario_avg", "domain_avg", "overall")
+
+
+def preset_env(root: Path, preset: str, impressions: int) -> dict[str, str]:
+    return {
+        "MMN__PATHS__RAW_ROOT": str(root / "raw"), "MMN__PATHS__LAKE_ROOT": str(root / "lake"),
+        "MMN__PATHS__TRUTH_ROOT": str(root / "truth"), "MMN__PATHS__REPORTS_ROOT": str(root / "reports"),
+        "MMN__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MMN__MLFLOW__ARTIFACT_ROOT": str(root / "artifacts"),
+        "MMN__GENERATOR__PRESET": preset, "MMN__GENERATOR__IMPRESSIONS_PER_DAY": str(impressions),
+    }
+
+
+def run_preset(preset: str, args: argparse.Namespace) -> dict:
+    from mmn.tasks import build_day
+    from spark_jobs.generate_logs import generate
+    from training.compare import compare
+
+    root = Path(args.out) / preset
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.update(preset_env(root, preset, args.impressions))  # spark-submit inherits these
+    overrides = [f"windows.train_window_days={args.train_days}", *args.set]
+    cfg = load_config(overrides=overrides)
+    start = dt.date.fromisoformat(args.start)
+    days = [(start + dt.timedelta(days=i)).isoformat() for i in range(args.train_days + 1)]
+    began = time.monotonic()
+    if not all(cfg.paths.manifest_path(d).exists() for d in days):
+        generate(cfg, days[0], len(days), seed=args.data_seed)
+        for day in days:
+            build_day(cfg, day)
+    data_s = time.monotonic() - began
+    began = time.monotonic()
+    result = compare(cfg, days[-1], args.kinds.split(","), seeds=args.seeds,
+                     experiment=f"accuracy_{preset}")
+    compare_s = time.monotonic() - began
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    speed = {kind: [client.get_run(rid).data.metrics.get("train/samples_per_sec", math.nan)
+                    for rid in per_seed.values()] for kind, per_seed in result.child_runs.items()}
+    table = result.table
+    summary = {}
+    for kind in [*result.kinds, "oracle"]:
+        if kind not in table.index:
+            continue
+        row = {}
+        for column in AVERAGES:
+            row[column] = float(table.loc[kind, column])
+            row[f"{column}_std"] = float(table.loc[kind].get(f"{column}_std", math.nan))
+            if "oracle" in table.index and kind != "oracle":
+                row[f"{column}_gap_to_oracle"] = float(table.loc["oracle", column] - table.loc[kind, column])
+        if kind in speed:
+            row["train_samples_per_s"] = float(np.nanmean(speed[kind]))
+        summary[kind] = row
+    (root / "comparison.md").write_text(result.markdown)
+    return {"preset": preset, "days": days, "holdout": days[-1], "impressions_per_day": args.impressions,
+            "seeds": args.seeds, "data_seconds": data_s, "compare_seconds": compare_s,
+            "summary": summary, "comparison_id": result.comparison_id, "markdown": result.markdown}
+
+
+def print_summary(res: dict) -> None:
+    print(f"\n=== {res['preset']}: {res['impressions_per_day']:,} impressions/day, train on {res['days'][:-1]}, "
+          f"holdout {res['holdout']}, seeds {res['seeds']} (data {res['data_seconds']:.0f} s, "
+          f"training + evaluation {res['compare_seconds']:.0f} s)")
+    print(f"{'model':<22}" + "".join(f"{c:>22}" for c in AVERAGES) + f"{'gap to oracle (type)':>22}{'samples/s':>12}")
+    for kind, row in res["summary"].items():
+        cells = []
+        for c in AVERAGES:
+            std = row.get(f"{c}_std", math.nan)
+            cells.append(f"{row[c]:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}"))
+        gap = row.get("type_avg_gap_to_oracle")
+        speed = row.get("train_samples_per_s")
+        print(f"{kind:<22}" + "".join(f"{c:>22}" for c in cells)
+              + f"{'' if gap is None else f'{gap:+.4f}':>22}{'' if speed is None else f'{speed:,.0f}':>12}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="newsfeed,criteo")
+    parser.add_argument("--kinds", default="mmn,dnn")
+    parser.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3])
+    parser.add_argument("--impressions", type=int, default=150000, help="impressions per day")
+    parser.add_argument("--train-days", type=int, default=3)
+    parser.add_argument("--start", default="2026-11-01")
+    parser.add_argument("--data-seed", type=int, default=7)
+    parser.add_argument("--out", default="/tmp/bench/accuracy")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = []
+    for preset in args.presets.split(","):
+        res = run_preset(preset, args)
+        print_summary(res)
+        print(res["markdown"])
+        results.append(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
