@@ -388,6 +388,12 @@ def train(
     if num_threads is not None:
         torch.set_num_threads(max(1, int(num_threads)))
     info = init_distributed(cfg.training.device)
+    if shared_set is not None and info.world_size > 1:
+        # The shared-instance term is weighted by each rank's own batch, not the global one
+        # that global_batch_loss reproduces, so it would train a different objective than
+        # one process does. Refuse rather than silently diverge.
+        raise ValueError("SSIM reuse (shared_set) runs single-process only: start training without "
+                         f"torchrun (world size here: {info.world_size})")
     device = resolve_device(cfg.training.device, info.local_rank)
     if n_types is None or n_scenarios is None:
         vt, vs = vocab_sizes(cfg)
