@@ -161,6 +161,7 @@ class Training:
     early_stopping_patience: int
     eval_every_steps: int
     device: str
+    initial_accumulator: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,8 @@ def make_optimizer(cfg: PipelineConfig, params: Iterable[nn.Parameter],
     on CPU the fused step is ~4x faster than the per-tensor loop on the per-domain weights."""
     lr = cfg.training.learning_rate
     if cfg.training.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, fused=device.type == "cpu" or None)
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=cfg.training.initial_accumulator,
+                                   fused=device.type == "cpu" or None)
     if cfg.training.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
     raise ValueError(f"unknown optimizer {cfg.training.optimizer!r}")
