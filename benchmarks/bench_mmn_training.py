@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="predict requests per model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--variants", default="dnn,mmn_naive,mmn_fast,mmn_common_only",
+                        help="training variants to time (comma list)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     cfg = load_config(overrides=args.set)
@@ -128,8 +130,8 @@ def main() -> None:
     print(f"device={device} threads={torch.get_num_threads()} batch={cfg.training.batch_size} "
           f"cvr_hidden={list(cfg.model.cvr_hidden)} load_avg={os.getloadavg()[0]:.2f}")
     results: dict[str, dict] = {"train": {}, "predict": {}}
-    variants = [("dnn", "dnn", False), ("mmn_naive", "mmn", True), ("mmn_fast", "mmn", False),
-                ("mmn_common_only", "mmn_common_only", False)]
+    variants = [v for v in [("dnn", "dnn", False), ("mmn_naive", "mmn", True), ("mmn_fast", "mmn", False),
+                            ("mmn_common_only", "mmn_common_only", False)] if v[0] in args.variants.split(",")]
     for n_types, n_scenarios in shapes:
         shape = f"{n_types}x{n_scenarios}"
         runners = {name: TrainRunner(cfg, kind, naive, n_types, n_scenarios, device)

@@ -90,10 +90,11 @@ def _free_port() -> int:
 
 def over_http(uri: str, records: list[dict], requests: int, batch: int, env: dict[str, str]) -> dict[str, float]:
     port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="mlflow-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -105,7 +106,7 @@ def over_http(uri: str, records: list[dict], requests: int, batch: int, env: dic
             except OSError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("model server did not come up")
+                raise RuntimeError(f"model server did not come up; its log: {log.name}")
             time.sleep(1)
 
         def post(body: bytes) -> None:
@@ -154,7 +155,9 @@ def main() -> None:
                "MMN__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                "MMN__MLFLOW__ARTIFACT_ROOT": str(root / "artifacts"),
                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-               "OMP_NUM_THREADS": str(args.threads)}
+               "OMP_NUM_THREADS": str(args.threads),
+               # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
         cfg = load_config(environ=env)
         from mmn.tasks import setup_mlflow
         from spark_jobs.generate_logs import generate
