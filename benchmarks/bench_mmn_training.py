@@ -23,7 +23,7 @@ import torch
 from mmn.config import PipelineConfig, load_config
 from training.losses import loss_from_config
 from training.models import build_model, loss_config
-from training.trainer import make_optimizer, resolve_device
+from training.trainer import make_optimizer, parameter_groups, resolve_device
 
 
 def synthetic_batch(cfg: PipelineConfig, n_types: int, n_scenarios: int, batch_size: int,
@@ -57,7 +57,7 @@ class TrainRunner:
         self.cfg, self.device = cfg, device
         self.model = build_model(cfg, n_types, n_scenarios, kind).to(device).train()
         self.forward: Callable = self.model.forward_naive if naive else self.model.forward  # type: ignore
-        self.opt = make_optimizer(cfg, self.model.parameters(), device)
+        self.opt = make_optimizer(cfg, parameter_groups(cfg, self.model), device)
         self.batches = [synthetic_batch(cfg, n_types, n_scenarios, cfg.training.batch_size, s, device)
                         for s in range(4)]
         self.times: list[float] = []

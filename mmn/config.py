@@ -162,6 +162,7 @@ class Training:
     eval_every_steps: int
     device: str
     initial_accumulator: float = 0.0
+    domain_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

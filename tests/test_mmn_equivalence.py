@@ -150,3 +150,21 @@ def test_embedding_rejects_out_of_range_ids(cfg):
     bad[0, 0] = cfg.features[0].cardinality
     with pytest.raises(ValueError, match=cfg.features[0].name):
         model(bad, types, scenarios)
+
+
+def test_domain_lr_scale_gives_mmn_deltas_their_own_learning_rate(cfg):
+    from dataclasses import replace
+
+    from training.trainer import make_optimizer, parameter_groups
+
+    scaled = replace(cfg, training=replace(cfg.training, domain_lr_scale=0.1))
+    model = build_model(scaled, 3, 2, "mmn")
+    groups = make_optimizer(scaled, parameter_groups(scaled, model), torch.device("cpu")).param_groups
+    assert [g["lr"] for g in groups] == [pytest.approx(cfg.training.learning_rate),
+                                         pytest.approx(cfg.training.learning_rate * 0.1)]
+    deltas = {id(p) for p in groups[1]["params"]}
+    assert deltas == {id(p) for p in model.domain_parameters()} and len(deltas) == 4 * model.cvr_tower.n_layers
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    # A model without domain-specific parameters, or scale 1, keeps one group.
+    assert len(parameter_groups(scaled, build_model(scaled, 3, 2, "dnn"))) == 1
+    assert len(parameter_groups(cfg, model)) == 1

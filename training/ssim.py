@@ -86,6 +86,7 @@ from training.trainer import (
     DEFAULT_MAX_VAL_ROWS,
     TrainResult,
     make_optimizer,
+    parameter_groups,
     resolve_device,
     slice_ranges,
     train,
@@ -523,7 +524,7 @@ def _build_search(cfg: PipelineConfig, model_kind: str, n_types: int, n_scenario
                         ssim.epsilon).to(device)
     joint = JointSearch(backbone, selector, embedding, targets, ssim, loss_config(cfg, backbone))
     selector_params = [*selector.parameters(), *(embedding.parameters() if own else ())]
-    return joint, [make_optimizer(cfg, backbone.parameters(), device),
+    return joint, [make_optimizer(cfg, parameter_groups(cfg, backbone), device),
                    torch.optim.Adam(selector_params, lr=ssim.selector_lr)]
 
 

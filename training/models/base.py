@@ -52,6 +52,11 @@ class CVRModel(nn.Module):
         self.ctr_tower = ProbabilityTower(self.embedding.output_dim, ctr_hidden)
         return self.embedding.output_dim
 
+    def domain_parameters(self) -> list[nn.Parameter]:
+        """Parameters that only some domains' rows train (e.g. MMN's per-type and per-scenario
+        deltas); the optimizer can give them their own learning rate. None by default."""
+        return []
+
     @property
     def n_domain_param_sets(self) -> int:
         """Number of separately learned CVR parameter sets (1 for a single shared tower)."""

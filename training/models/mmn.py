@@ -150,6 +150,10 @@ class MMN(CVRModel):
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types, n_scenarios=n_scenarios,
                    domain_params=domain_params or cfg.model.domain_params)
 
+    def domain_parameters(self) -> list[nn.Parameter]:
+        tower = self.cvr_tower
+        return [*tower.weight_type, *tower.bias_type, *tower.weight_scenario, *tower.bias_scenario]
+
     @property
     def n_domain_param_sets(self) -> int:
         return self.n_types + self.n_scenarios + 1 if self.domain_params == "full" else 1
