@@ -147,7 +147,12 @@ def test_missing_column_is_reported(hand_cfg, tmp_path):
 def signal_cfg(tmp_path):
     cfg = _cfg(tmp_path, **{"training.batch_size": 128, "training.shuffle_buffer": 2000,
                             "training.read_batch_rows": 500, "training.eval_every_steps": 25,
-                            "training.epochs": 3})
+                            "training.epochs": 3,
+                            # This synthetic signal is almost all per-domain and the run is
+                            # ~300 steps: the deltas learn at the full rate here. (The default
+                            # 0.1 is for conversion-poor data; at 0.1 this run reaches a
+                            # validation CVR AUC of 0.66 instead of > 0.7.)
+                            "training.domain_lr_scale": 1.0})
     for day in DAYS:
         samples, truth = make_day(cfg, day, 6000, N_TYPES, N_SCENARIOS, seed=1)
         write_day(cfg, day, samples, truth)
