@@ -13,15 +13,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mmn.config import PipelineConfig, load_config
+from mmn.config import PipelineConfig, add_config_arguments, load_config
 
 
 def _config_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", help="pipeline config YAML (default: conf/pipeline.yaml or $MMN_CONFIG)")
-    parent.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable)")
-    return parent
+    return add_config_arguments(argparse.ArgumentParser(add_help=False))
 
 
 def _cfg(args: argparse.Namespace) -> PipelineConfig:

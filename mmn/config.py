@@ -269,6 +269,15 @@ def load_config(
     return _build(data, config_path)
 
 
+
+def add_config_arguments(parser: Any) -> Any:
+    """``--config`` and repeatable ``--set SECTION.KEY=VALUE`` on an argparse parser, the same
+    for every entry point; read them back with ``load_config(args.config, args.overrides)``."""
+    parser.add_argument("--config", help="pipeline config YAML (default: conf/pipeline.yaml or $MMN_CONFIG)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable)")
+    return parser
+
 def config_from_mapping(data: Mapping[str, Any], source: str | os.PathLike[str] = "<bundle>") -> PipelineConfig:
     """Build a config from an already-merged mapping (e.g. the copy shipped in a model)."""
     return _build(copy.deepcopy(dict(data)), Path(source))

@@ -49,7 +49,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql import types as T  # noqa: E402
 
-from mmn.config import ConfigError, FeatureField, PipelineConfig, load_config  # noqa: E402
+from mmn.config import ConfigError, FeatureField, PipelineConfig, add_config_arguments, load_config  # noqa: E402
 from mmn.raw_inputs import MissingRawLogsError, data_files, require_impressions  # noqa: E402
 from mmn.vocab import Vocabulary, load_vocab, save_vocab  # noqa: E402
 
@@ -866,10 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spark-submit spark_jobs/build_samples.py",
         description="Build one impression day's samples (Parquet), quarantine and manifest from the raw logs.")
     parser.add_argument("--day", required=True, type=_day, help="impression day, YYYY-MM-DD")
-    parser.add_argument("--config", help="pipeline config (default conf/pipeline.yaml or $MMN_CONFIG)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable")
-    return parser
+    return add_config_arguments(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

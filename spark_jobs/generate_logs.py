@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmn.config import PipelineConfig, load_config
+from mmn.config import PipelineConfig, add_config_arguments, load_config
 
 DAY_MS = 86_400_000
 CHUNK_ROWS = 250_000  # impressions simulated and written per step: bounds memory at any scale
@@ -901,10 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-rate", type=float, default=0.0,
                         help="inject each defect class at this rate (default 0: clean logs)")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="jsonl")
-    parser.add_argument("--config", help="pipeline config (default conf/pipeline.yaml or $MMN_CONFIG)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable")
-    return parser
+    return add_config_arguments(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,3 +59,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def session_root() -> Path:
     return SESSION_ROOT
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for tests of tiny tensors: on a shared 2-core box, OpenMP
+    spin-waits under contention make multi-threaded tiny ops ~10x slower; results match up
+    to float rounding. Modules opt in with ``pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

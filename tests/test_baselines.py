@@ -17,6 +17,8 @@ from training.models.dpg import DPG, VARIANTS
 from training.synthetic import write_days
 from training.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_TYPES, N_SCENARIOS = 3, 2
 BASELINES = [k for k in MODEL_KINDS if not k.startswith("mmn")]
 SMALL_FEATURES = [
@@ -32,13 +34,6 @@ EXPECTED_SETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: tiny ops are fastest that way on a contended shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from training.data import SampleStream, count_rows, hash_buckets
 from training.synthetic import make_day, write_day, write_vocabs
 from training.trainer import NonFiniteLossError, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DAYS = ["2024-02-01", "2024-02-02"]
 N_TYPES, N_SCENARIOS = 3, 2
 # Smaller id spaces than conf/pipeline.yaml keep the embedding table (and the tests) light.
@@ -26,14 +28,6 @@ SMALL_FEATURES = [
     {"name": "user_age", "kind": "numeric", "boundaries": [18, 25, 35, 45, 55, 65]},
 ]
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waits under contention
-    make multi-threaded tiny ops ~10x slower; results match up to float rounding."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(tmp_path: Path, **overrides):

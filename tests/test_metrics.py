@@ -23,15 +23,9 @@ from training.metrics import (
 from training.models import build_model
 from training.synthetic import scenario_names, type_names, write_days
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waits under contention
-    make multi-threaded tiny ops ~10x slower; results match up to float rounding."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def brute_force_auc(labels, scores) -> float:

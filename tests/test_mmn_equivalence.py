@@ -10,16 +10,10 @@ from mmn.model_kinds import MODEL_KINDS
 from training.models import MMN, available_models, build_model, loss_config
 from training.models import mmn as mmn_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_TYPES, N_SCENARIOS = 4, 3
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waits under contention
-    make multi-threaded tiny ops ~10x slower; results match up to float rounding."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

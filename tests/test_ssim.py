@@ -19,6 +19,8 @@ from training.models import build_model, loss_config
 from training.synthetic import make_day, write_day, write_days, write_vocabs
 from training.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DAYS = ["2024-03-01", "2024-03-02"]
 N_TYPES, N_SCENARIOS = 2, 3
 SMALL_FEATURES = [
@@ -32,13 +34,6 @@ SEARCH = S.SsimConfig(epochs=5)
 SHARED_SEARCH = S.SsimConfig(epochs=2)  # the module's saved set
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: tiny ops are fastest that way on a contended shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(root, **overrides):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmn.config import PipelineConfig, load_config
+from mmn.config import PipelineConfig, add_config_arguments, load_config
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated training seeds (default: cfg.training.seed)")
     parser.add_argument("--experiment", default=None,
                         help="MLflow experiment (default: <mlflow.experiment>_comparison)")
-    parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (default: conf/)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, overrides=args.set)
+    cfg = load_config(args.config, overrides=args.overrides)
     result = compare(cfg, args.day, args.kinds.split(","), seeds=args.seeds, experiment=args.experiment)
     sys.stdout.write(result.markdown)
     json.dump({"comparison_id": result.comparison_id, "parent_run_id": result.parent_run_id,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mmn.config import PipelineConfig, load_config
+from mmn.config import PipelineConfig, add_config_arguments, load_config
 from mmn.vocab import load_vocab
 from training.data import (
     HASH_BUCKETS,
@@ -628,14 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--output", type=Path, default=None, help="write the final state_dict here")
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (default: conf/)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable")
+    add_config_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, overrides=args.set)
+    cfg = load_config(args.config, overrides=args.overrides)
     result = train(cfg, args.days, model_kind=args.model_kind, split=args.split,
                    holdout_fraction=args.holdout_fraction, checkpoint_dir=args.checkpoint_dir,
                    resume=not args.no_resume, progress=not args.no_progress,

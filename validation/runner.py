@@ -36,7 +36,7 @@ from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.exceptions import DataContextError
 
-from mmn.config import PipelineConfig, load_config
+from mmn.config import PipelineConfig, add_config_arguments, load_config
 from validation.baseline import load_domain_vocab, load_trailing_stats, read_manifest
 from validation.docs import data_docs_dir, write_index
 from validation.suite import (
@@ -504,9 +504,7 @@ def _parser() -> argparse.ArgumentParser:
         "Exit code 1 when any error-severity check fails (warnings are only logged).",
     )
     parser.add_argument("--day", required=True, type=_iso_day, help="day to validate, YYYY-MM-DD")
-    parser.add_argument("--config", help="pipeline config (default: conf/pipeline.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override, e.g. validation.trailing_days=3")
+    add_config_arguments(parser)
     parser.add_argument("--engine", choices=ENGINES, default="pandas",
                         help="reader / GX execution engine (default: pandas)")
     return parser
