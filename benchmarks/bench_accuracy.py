@@ -121,8 +121,8 @@ def main() -> None:
         print_summary(res)
         print(res["markdown"])
         results.append(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        if args.json:  # after each preset, so a long study keeps what it finished
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

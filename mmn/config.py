@@ -198,6 +198,7 @@ class Spark:
     driver_memory: str
     shuffle_partitions: int
     output_files_per_day: int
+    compress_cache: bool = True  # Spark's own default, what jobs ran with before the key
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,12 @@ def add_config_arguments(parser: Any) -> Any:
     return parser
 
 def config_from_mapping(data: Mapping[str, Any], source: str | os.PathLike[str] = "<bundle>") -> PipelineConfig:
-    """Build a config from an already-merged mapping (e.g. the copy shipped in a model)."""
-    return _build(copy.deepcopy(dict(data)), Path(source))
+    """Build a config from an already-merged mapping (e.g. the copy shipped in a model).
+
+    A model bundle written before a key existed lacks it: such keys take their dataclass
+    default, which is the behaviour the code had before the key (so today's code can still
+    load and gate against an older champion). A YAML file must name every key."""
+    return _build(copy.deepcopy(dict(data)), Path(source), from_bundle=True)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -325,15 +330,16 @@ def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _dataclass_from(cls: type, values: Mapping[str, Any], section: str) -> Any:
+def _dataclass_from(cls: type, values: Mapping[str, Any], section: str, from_bundle: bool = False) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
-    missing = names - set(values)
+    has_default = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    missing = names - set(values) - (has_default if from_bundle else set())
     unknown = set(values) - names
     if missing:
         raise ConfigError(f"section {section!r} lacks keys: {sorted(missing)}")
     if unknown:
         raise ConfigError(f"section {section!r} has unknown keys: {sorted(unknown)}")
-    return cls(**{k: values[k] for k in names})
+    return cls(**{k: values[k] for k in names if k in values})
 
 
 def _resolve(path: str | os.PathLike[str]) -> Path:
@@ -349,7 +355,7 @@ def _resolve_sqlite_uri(uri: str) -> str:
     return uri
 
 
-def _build(data: dict[str, Any], source: Path) -> PipelineConfig:
+def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> PipelineConfig:
     paths = _section(data, "paths")
     mlflow_cfg = dict(_section(data, "mlflow"))
     mlflow_cfg["tracking_uri"] = _resolve_sqlite_uri(str(mlflow_cfg.get("tracking_uri", "")))
@@ -363,18 +369,18 @@ def _build(data: dict[str, Any], source: Path) -> PipelineConfig:
             name: LogSpec(id_field=spec["id_field"], required=dict(spec["required"]))
             for name, spec in _section(data, "logs").items()
         },
-        domains=_dataclass_from(Domains, _section(data, "domains"), "domains"),
+        domains=_dataclass_from(Domains, _section(data, "domains"), "domains", from_bundle),
         features=tuple(_feature(f) for f in data.get("features") or []),
-        hashing=_dataclass_from(Hashing, _section(data, "hashing"), "hashing"),
-        windows=_dataclass_from(Windows, _section(data, "windows"), "windows"),
-        generator=_dataclass_from(Generator, _section(data, "generator"), "generator"),
-        model=_dataclass_from(Model, model, "model"),
-        training=_dataclass_from(Training, _section(data, "training"), "training"),
-        gate=_dataclass_from(Gate, _section(data, "gate"), "gate"),
-        validation=_dataclass_from(Validation, _section(data, "validation"), "validation"),
-        mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow"),
-        spark=_dataclass_from(Spark, _section(data, "spark"), "spark"),
-        airflow=_dataclass_from(Airflow, _section(data, "airflow"), "airflow"),
+        hashing=_dataclass_from(Hashing, _section(data, "hashing"), "hashing", from_bundle),
+        windows=_dataclass_from(Windows, _section(data, "windows"), "windows", from_bundle),
+        generator=_dataclass_from(Generator, _section(data, "generator"), "generator", from_bundle),
+        model=_dataclass_from(Model, model, "model", from_bundle),
+        training=_dataclass_from(Training, _section(data, "training"), "training", from_bundle),
+        gate=_dataclass_from(Gate, _section(data, "gate"), "gate", from_bundle),
+        validation=_dataclass_from(Validation, _section(data, "validation"), "validation", from_bundle),
+        mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow", from_bundle),
+        spark=_dataclass_from(Spark, _section(data, "spark"), "spark", from_bundle),
+        airflow=_dataclass_from(Airflow, _section(data, "airflow"), "airflow", from_bundle),
         source=source,
         raw=data,
     )

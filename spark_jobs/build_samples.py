@@ -648,6 +648,7 @@ def configure(spark: SparkSession, cfg: PipelineConfig) -> None:
     spark.conf.set("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    spark.conf.set("spark.sql.inMemoryColumnarStorage.compressed", str(cfg.spark.compress_cache).lower())
 
 
 def _require_impressions(cfg: PipelineConfig, day: str) -> None:

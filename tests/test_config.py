@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mmn.config import ConfigError, load_config
+import copy
+
+import yaml
+
+from mmn.config import ConfigError, config_from_mapping, load_config
 
 
 def test_defaults_load_and_resolve_paths():
@@ -49,3 +53,23 @@ def test_bad_values_are_refused_with_a_clear_message(override, message):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_an_older_bundle_lacking_a_newer_key_loads_with_the_behaviour_it_was_trained_with(tmp_path):
+    """A champion logged before ``training.domain_lr_scale`` existed trained every parameter at
+    one rate: its bundle config must still load (the gate compares against it), as 1.0."""
+    raw = copy.deepcopy(load_config(environ={}).raw)
+    del raw["training"]["domain_lr_scale"]
+    assert config_from_mapping(raw).training.domain_lr_scale == 1.0
+    del raw["training"]["learning_rate"]  # a key that always existed is still required
+    with pytest.raises(ConfigError, match="lacks keys"):
+        config_from_mapping(raw)
+
+
+def test_a_yaml_file_must_name_every_key(tmp_path):
+    raw = copy.deepcopy(load_config(environ={}).raw)
+    del raw["training"]["domain_lr_scale"]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="domain_lr_scale"):
+        load_config(path, environ={})
