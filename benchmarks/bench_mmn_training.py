@@ -1,4 +1,4 @@
-"""Training throughput and serving latency: DNN vs naive MMN vs fast MMN.
+"""Training throughput and serving latency: DNN vs naive MMN vs fast MMN (or every model kind).
 
 Training: samples/s of full steps (forward, dynamic-weight loss, backward, optimizer step)
 on synthetic batches with the configured model sizes, at several (types x scenarios)
@@ -6,6 +6,7 @@ shapes. Domains are drawn from a skewed (Dirichlet) mix, as real traffic is, so 
 absent from a batch. Serving: single-request latency of ``predict_domain`` (p50 / p99).
 
     PYTHONPATH=. python benchmarks/bench_mmn_training.py [--shapes 19x8,21x17] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_mmn_training.py --variants all --no-predict
 """
 
 from __future__ import annotations
@@ -107,6 +108,18 @@ def predict_latency(cfg: PipelineConfig, kind: str, n_types: int, n_scenarios: i
     return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
+def training_variant(name: str) -> tuple[str, str, bool]:
+    """(name, model kind, naive?): ``mmn_naive`` / ``mmn_fast`` are MMN's two forward paths;
+    any other name is a registered model kind (``all`` is expanded by the caller)."""
+    from training.models import MODEL_REGISTRY
+
+    if name in ("mmn_naive", "mmn_fast"):
+        return name, "mmn", name == "mmn_naive"
+    if name not in MODEL_REGISTRY:
+        raise SystemExit(f"unknown variant {name!r}: mmn_naive, mmn_fast or one of {sorted(MODEL_REGISTRY)}")
+    return name, name, False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="19x8,21x17", help="comma list of TYPESxSCENARIOS")
@@ -120,9 +133,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--variants", default="dnn,mmn_naive,mmn_fast,mmn_common_only",
-                        help="training variants to time (comma list)")
+                        help="training variants to time (comma list): mmn_naive, mmn_fast, any model "
+                             "kind, or 'all' (every registered kind)")
+    parser.add_argument("--no-predict", action="store_true", help="skip the predict_domain latencies")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.variants == "all":
+        from training.models import MODEL_REGISTRY
+
+        args.variants = ",".join(sorted(MODEL_REGISTRY))
     cfg = load_config(overrides=args.set)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -130,8 +149,7 @@ def main() -> None:
     print(f"device={device} threads={torch.get_num_threads()} batch={cfg.training.batch_size} "
           f"cvr_hidden={list(cfg.model.cvr_hidden)} load_avg={os.getloadavg()[0]:.2f}")
     results: dict[str, dict] = {"train": {}, "predict": {}}
-    variants = [v for v in [("dnn", "dnn", False), ("mmn_naive", "mmn", True), ("mmn_fast", "mmn", False),
-                            ("mmn_common_only", "mmn_common_only", False)] if v[0] in args.variants.split(",")]
+    variants = [training_variant(name) for name in args.variants.split(",")]
     for n_types, n_scenarios in shapes:
         shape = f"{n_types}x{n_scenarios}"
         runners = {name: TrainRunner(cfg, kind, naive, n_types, n_scenarios, device)
@@ -148,7 +166,7 @@ def main() -> None:
                   f"(median {r['step_ms']:8.1f} ms/step, best {r['best_step_ms']:8.1f}, "
                   f"{r['params'] / 1e6:5.1f}M params)", flush=True)
         del runners
-        for name, kind in (("dnn", "dnn"), ("mmn", "mmn")):
+        for name, kind in () if args.no_predict else (("dnn", "dnn"), ("mmn", "mmn")):
             for rows in (1, 64):
                 r = predict_latency(cfg, kind, n_types, n_scenarios, args.requests, rows, device)
                 results["predict"][f"{shape}/{name}/rows{rows}"] = r

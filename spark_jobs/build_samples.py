@@ -255,13 +255,13 @@ def value_column(name: str) -> str:
     return f"v__{name}"
 
 
-def looks_like_json_literal(text: Column, is_timestamp: bool) -> Column:
+def looks_like_json_literal(text: Column, is_iso_timestamp: Column | None = None) -> Column:
     """Could this text be Spark's rendering of a non-string JSON value (number, true/false,
     object, array)? A cheap first-character test; a valid ISO timestamp never is one."""
     first = F.ascii(text)
     maybe = (first.between(48, 57) | first.isin(45, 91, 123)  # 0-9 - [ {
              | (text == "true") | (text == "false"))
-    return ~text.rlike(ISO_TS) & maybe if is_timestamp else maybe
+    return maybe if is_iso_timestamp is None else ~is_iso_timestamp & maybe
 
 
 def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> DataFrame:
@@ -283,12 +283,16 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
     keep = ["value", "source_file", "part_day"]
 
     parsed = raw.select(*keep, F.from_json("value", typed_schema, options).alias("_j"))
+    timestamps = [i for i, n in enumerate(names) if fields.kinds[n] == "timestamp"]
     parsed = parsed.select(*keep, F.col("_j")[CORRUPT].alias("_corrupt"),
                            *[F.col("_j")[n].alias(f"_v{i}") for i, n in enumerate(names)])
+    # The ISO pattern is the costliest per-row test: evaluated once, used twice.
+    parsed = parsed.select("*", *[F.col(f"_v{i}").rlike(ISO_TS).alias(f"_iso{i}") for i in timestamps])
+    iso = {i: F.col(f"_iso{i}") for i in timestamps}
     # A corrupt record is broken JSON unless it is an object (then a value failed its type).
     parsed = parsed.withColumn("_cobj", F.col("_corrupt").isNotNull() & F.json_object_keys("value").isNotNull())
-    literal_text = [F.coalesce(looks_like_json_literal(F.col(f"_v{i}"), fields.kinds[n] == "timestamp"), F.lit(False))
-                    for i, n in enumerate(names) if is_text[i]]
+    literal_text = [F.coalesce(looks_like_json_literal(F.col(f"_v{i}"), iso.get(i)), F.lit(False))
+                    for i in range(len(names)) if is_text[i]]
     parsed = parsed.withColumn("_exact", reduce(lambda a, b: a | b, literal_text, F.col("_cobj")))
 
     flags: list[Column] = []
@@ -301,7 +305,8 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
         absent = F.when(F.col("_exact"), exact_absent).otherwise(F.col(f"_v{i}").isNull())
         wrong = F.when(F.col("_exact"), ~exact_absent & ~F.coalesce(exact_ok, F.lit(False))).otherwise(False)
         flags += [absent.alias(f"_a{i}"), wrong.alias(f"_w{i}")]
-    checked = parsed.select(*keep, "_corrupt", "_cobj", *[f"_v{i}" for i in range(len(names))], *flags)
+    checked = parsed.select(*keep, "_corrupt", "_cobj", *[f"_v{i}" for i in range(len(names))],
+                            *iso.values(), *flags)
 
     missing: list[Column] = []
     bad_ts: list[Column] = []
@@ -311,7 +316,7 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
         kind, value = fields.kinds[name], F.col(f"_v{i}")
         valid_type = ~F.col(f"_a{i}") & ~F.col(f"_w{i}")
         if kind == "timestamp":
-            parsed_ts = F.when(value.rlike(ISO_TS), value.try_cast("timestamp"))
+            parsed_ts = F.when(iso[i], value.try_cast("timestamp"))
             bad_ts.append(valid_type & parsed_ts.isNull())
             value = parsed_ts
         if name in fields.required:
@@ -396,14 +401,21 @@ def hashed_impressions(cfg: PipelineConfig, parsed: DataFrame, fields: LogFields
     )
 
 
+def repeated_impression_ids(imps: DataFrame) -> DataFrame:
+    """Ids of valid impressions seen more than once (small: duplicates are rare)."""
+    valid = imps.filter(F.col("reason").isNull())
+    return valid.groupBy("id").count().filter(F.col("count") > 1).select("id")
+
+
 def unique_impressions(cfg: PipelineConfig, imps: DataFrame, fields: LogFields,
-                       types: Vocabulary, scenarios: Vocabulary) -> DataFrame:
+                       types: Vocabulary, scenarios: Vocabulary, repeated_ids: DataFrame) -> DataFrame:
     """Valid impressions, one per id, as the samples' columns (labels still to join).
 
-    Duplicates are rare, so only ids seen twice are ranked (a hash aggregate finds them);
-    sorting every row by id would cost a full shuffle and sort of the day."""
+    Duplicates are rare, so only the ``repeated_ids`` (:func:`repeated_impression_ids`; pass
+    it cached, it is read twice) are ranked; sorting every row by id would cost a full
+    shuffle and sort of the day."""
     valid = imps.filter(F.col("reason").isNull())
-    repeated_ids = F.broadcast(valid.groupBy("id").count().filter(F.col("count") > 1).select("id"))
+    repeated_ids = F.broadcast(repeated_ids)
     # Copies with equal (ts, content_hash) are the same line: which one is kept doesn't matter.
     repeated = first_by(valid.join(repeated_ids, "id", "left_semi"), ["id"], ["ts", "content_hash"], "_rn")
     unique = valid.join(repeated_ids, "id", "left_anti").unionByName(
@@ -696,7 +708,8 @@ def build_day(spark: SparkSession, cfg: PipelineConfig, day: str) -> dict[str, A
             raise MissingInputError(f"build {day}: the impression files of {day} hold no records")
         types, scenarios = update_vocabs(cfg, domain_pairs)
         timer.lap("parse impressions")
-        unique_imps = keep(unique_impressions(cfg, imps, fields["impressions"], types, scenarios))
+        repeated_ids = keep(repeated_impression_ids(imps))
+        unique_imps = keep(unique_impressions(cfg, imps, fields["impressions"], types, scenarios, repeated_ids))
         n_unique = unique_imps.count()
         timer.lap("dedupe and hash")
         imp_keys = unique_imps.select(F.col(fields["impressions"].id_field).alias("ref"), F.col("ts").alias("imp_ts"))
