@@ -18,7 +18,7 @@ from airflow.timetables.interval import CronDataIntervalTimetable
 
 from mmn.config import load_config
 from mmn.orchestration import champion_asset, daily_params, default_args, samples_asset
-from mmn.tasks import BUILD_JOB
+from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_conf
 
 CFG = load_config()
 
@@ -54,10 +54,10 @@ def mmn_daily_retrain() -> None:
         task_id="build_samples",
         conn_id="spark_default",
         application=str(BUILD_JOB),
-        application_args=["--day", day, "--config", str(CFG.source)],
+        application_args=build_job_args(CFG, day),
         name="mmn-build-samples",
         driver_memory=CFG.spark.driver_memory,
-        conf={"spark.sql.shuffle.partitions": str(CFG.spark.shuffle_partitions)},
+        conf=spark_submit_conf(CFG),
         execution_timeout=dt.timedelta(minutes=CFG.airflow.spark_timeout_minutes),
         outlets=[samples_asset(CFG)],
     )

@@ -93,17 +93,24 @@ def training_plan(cfg: PipelineConfig, day: str, window_days: int | None = None)
 
 def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
     """The exact spark-submit invocation of the build job (used by CLI and tests)."""
+    conf = [arg for key, value in spark_submit_conf(cfg).items() for arg in ("--conf", f"{key}={value}")]
     return [
         "spark-submit",
         "--master", cfg.spark.master,
         "--driver-memory", cfg.spark.driver_memory,
-        "--conf", f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}",
+        *conf,
         str(BUILD_JOB),
         *build_job_args(cfg, day),
     ]
 
 
-def build_job_args(cfg: PipelineConfig, day: str) -> list[str]:
+def spark_submit_conf(cfg: PipelineConfig) -> dict[str, str]:
+    """Spark settings passed at submit time (the CLI's spark-submit and the DAG's operator)."""
+    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions)}
+
+
+def build_job_args(cfg: PipelineConfig, day: Any) -> list[Any]:
+    """The build job's arguments; ``day`` may be an Airflow XComArg, resolved at run time."""
     return ["--day", day, "--config", str(cfg.source)]
 
 

@@ -69,3 +69,21 @@ def test_comparison_dag_validates_model_kinds():
     _with(comparison, {"date": "2026-11-02", "kinds": ["mmn", "dnn"]}).validate()
     with pytest.raises(ParamValidationError, match="Invalid input for param kinds"):
         _with(comparison, {"date": "2026-11-02", "kinds": ["mmn", "gbdt"]}).validate()
+
+
+def test_the_dag_submits_the_same_build_job_as_the_cli(dag):
+    """One definition of the job's arguments and submit-time conf serves the DAG and `mmn build`."""
+    from airflow.sdk.definitions.xcom_arg import XComArg
+
+    from mmn.config import load_config
+    from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_command, spark_submit_conf
+
+    cfg = load_config()
+    build = dag.get_task("build_samples")
+    assert build.application == str(BUILD_JOB) and build.conf == spark_submit_conf(cfg)
+    flag, day, *rest = build.application_args
+    assert isinstance(day, XComArg) and day.operator.task_id == "resolve_day"
+    assert [flag, "2026-11-02", *rest] == build_job_args(cfg, "2026-11-02")
+    command = spark_submit_command(cfg, "2026-11-02")
+    assert command[command.index(str(BUILD_JOB)) + 1:] == build_job_args(cfg, "2026-11-02")
+    assert f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}" in command
