@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "peak_rss_mb": round(spark_peak / 2**20), "samples": manifest["outputs"]["samples"],
                             "phases": phases.group(1) if phases else ""}
         if not args.skip_duckdb:
+            shutil.rmtree(work / "duckdb", ignore_errors=True)  # a rerun in the same --workdir
             duck_s, duck_peak, out = run_measured([py, __file__, "--duckdb-child", DAY, str(work / "duckdb"),
                                                    "--config", config_path, "--master", args.master,
                                                    *[a for o in args.overrides for a in ("--set", o)],
