@@ -270,7 +270,6 @@ def load_config(
     return _build(data, config_path)
 
 
-
 def add_config_arguments(parser: Any) -> Any:
     """``--config`` and repeatable ``--set SECTION.KEY=VALUE`` on an argparse parser, the same
     for every entry point; read them back with ``load_config(args.config, args.overrides)``."""
@@ -278,6 +277,7 @@ def add_config_arguments(parser: Any) -> Any:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     return parser
+
 
 def config_from_mapping(data: Mapping[str, Any], source: str | os.PathLike[str] = "<bundle>") -> PipelineConfig:
     """Build a config from an already-merged mapping (e.g. the copy shipped in a model).
@@ -331,9 +331,10 @@ def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _dataclass_from(cls: type, values: Mapping[str, Any], section: str, from_bundle: bool = False) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    has_default = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    missing = names - set(values) - (has_default if from_bundle else set())
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    optional = {f.name for f in fields if from_bundle and f.default is not dataclasses.MISSING}
+    missing = names - set(values) - optional
     unknown = set(values) - names
     if missing:
         raise ConfigError(f"section {section!r} lacks keys: {sorted(missing)}")
@@ -363,24 +364,28 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
     model = dict(_section(data, "model"))
     for key in ("ctr_hidden", "cvr_hidden"):
         model[key] = tuple(int(v) for v in model.get(key, ()))
+
+    def section(cls: type, name: str) -> Any:
+        return _dataclass_from(cls, _section(data, name), name, from_bundle)
+
     cfg = PipelineConfig(
         paths=Paths(**{k: _resolve(v) for k, v in paths.items()}),
         logs={
             name: LogSpec(id_field=spec["id_field"], required=dict(spec["required"]))
             for name, spec in _section(data, "logs").items()
         },
-        domains=_dataclass_from(Domains, _section(data, "domains"), "domains", from_bundle),
+        domains=section(Domains, "domains"),
         features=tuple(_feature(f) for f in data.get("features") or []),
-        hashing=_dataclass_from(Hashing, _section(data, "hashing"), "hashing", from_bundle),
-        windows=_dataclass_from(Windows, _section(data, "windows"), "windows", from_bundle),
-        generator=_dataclass_from(Generator, _section(data, "generator"), "generator", from_bundle),
+        hashing=section(Hashing, "hashing"),
+        windows=section(Windows, "windows"),
+        generator=section(Generator, "generator"),
         model=_dataclass_from(Model, model, "model", from_bundle),
-        training=_dataclass_from(Training, _section(data, "training"), "training", from_bundle),
-        gate=_dataclass_from(Gate, _section(data, "gate"), "gate", from_bundle),
-        validation=_dataclass_from(Validation, _section(data, "validation"), "validation", from_bundle),
+        training=section(Training, "training"),
+        gate=section(Gate, "gate"),
+        validation=section(Validation, "validation"),
         mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow", from_bundle),
-        spark=_dataclass_from(Spark, _section(data, "spark"), "spark", from_bundle),
-        airflow=_dataclass_from(Airflow, _section(data, "airflow"), "airflow", from_bundle),
+        spark=section(Spark, "spark"),
+        airflow=section(Airflow, "airflow"),
         source=source,
         raw=data,
     )

@@ -34,8 +34,6 @@ EXPECTED_SETS = {
 }
 
 
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(overrides={"model.ctr_hidden": [8], "model.cvr_hidden": [16, 8],

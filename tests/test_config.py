@@ -54,7 +54,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.yaml", environ={})
 
 
-def test_an_older_bundle_lacking_a_newer_key_loads_with_the_behaviour_it_was_trained_with(tmp_path):
+def test_an_older_bundle_lacking_a_newer_key_loads_with_the_behaviour_it_was_trained_with():
     """A champion logged before ``training.domain_lr_scale`` existed trained every parameter at
     one rate: its bundle config must still load (the gate compares against it), as 1.0."""
     raw = copy.deepcopy(load_config(environ={}).raw)

@@ -29,7 +29,6 @@ SMALL_FEATURES = [
 ]
 
 
-
 def _cfg(tmp_path: Path, **overrides):
     base = {
         "paths.lake_root": str(tmp_path / "lake"), "paths.truth_root": str(tmp_path / "truth"),

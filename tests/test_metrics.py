@@ -26,8 +26,6 @@ from training.synthetic import scenario_names, type_names, write_days
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 def brute_force_auc(labels, scores) -> float:
     pos = [s for y, s in zip(labels, scores, strict=True) if y]
     neg = [s for y, s in zip(labels, scores, strict=True) if not y]

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_TYPES, N_SCENARIOS = 4, 3
 
 
-
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(overrides={"model.ctr_hidden": [16, 8], "model.cvr_hidden": [32, 16, 8],

@@ -34,8 +34,6 @@ SEARCH = S.SsimConfig(epochs=5)
 SHARED_SEARCH = S.SsimConfig(epochs=2)  # the module's saved set
 
 
-
-
 def _cfg(root, **overrides):
     base = {
         "paths.lake_root": str(root / "lake"), "paths.truth_root": str(root / "truth"),
