@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks.bench_accuracy import AVERAGES, preset_env
 from mmn.config import load_config
-from training.compare import ORACLE_ROW, comparison_table, to_markdown
+from training.compare import ORACLE_ROW, comparison_table, mean_std, to_markdown
 
 Metrics = dict[str, dict[int, dict[str, Any]]]
 
@@ -64,8 +64,25 @@ def best_counts(pooled: Metrics, column_key: str) -> dict[str, int]:
     return wins
 
 
-def summarize(pooled: Metrics, types: list[str], scenarios: list[str]) -> dict[str, dict[str, float]]:
-    """Per kind: the four averages' mean and std, gaps to the oracle, per-domain wins."""
+def well_observed_domain_avg(metrics: dict[str, Any], min_conversions: int, prefix: str = "") -> float:
+    """Mean CVR AUC over the domains with at least ``min_conversions`` holdout conversions.
+
+    A domain's AUC from one or two conversions is the rank of those rows alone; the plain
+    per-domain average weighs such domains like any other, so it is mostly holdout noise
+    when conversions are scarce. This average keeps the domains where AUC means something."""
+    values = []
+    for key, value in metrics.items():
+        if key.startswith(f"{prefix}cvr_auc_domain/") and value is not None:
+            domain = key.split("cvr_auc_domain/", 1)[1]
+            if (metrics.get(f"n_conversions_domain/{domain}") or 0) >= min_conversions:
+                values.append(value)
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def summarize(pooled: Metrics, types: list[str], scenarios: list[str],
+              min_conversions: int) -> dict[str, dict[str, float]]:
+    """Per kind: the four averages' mean and std, gaps to the oracle, per-domain wins, and
+    the per-domain average over well-observed domains."""
     table = comparison_table(pooled, types, scenarios)
     wins = best_counts(pooled, "cvr_auc_domain_avg")
     summary: dict[str, dict[str, float]] = {}
@@ -79,22 +96,33 @@ def summarize(pooled: Metrics, types: list[str], scenarios: list[str]) -> dict[s
         if kind in pooled:
             out["seeds"] = len(pooled[kind])
             out["best_domain_avg_on_seeds"] = wins[kind]
+            per_seed = [well_observed_domain_avg(m, min_conversions) for m in pooled[kind].values()]
+        else:  # the oracle: the same rows in every run, so any run's metrics will do
+            first = next(m for per_seed in pooled.values() for m in per_seed.values())
+            per_seed = [well_observed_domain_avg(first, min_conversions, prefix="oracle_")]
+        mean, std = mean_std(per_seed)
+        out["well_observed_domain_avg"], out["well_observed_domain_avg_std"] = mean, std
         summary[str(kind)] = out
     return summary
 
 
-def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
+def _cell(row: dict[str, float], column: str, bold: bool) -> str:
+    mean, std = row[column], row[f"{column}_std"]
+    text = f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+    return f"**{text}**" if bold else text
+
+
+def summary_markdown(summary: dict[str, dict[str, float]], min_conversions: int) -> str:
     """The averages as a Markdown table; the best model per column in bold."""
     models = {k: v for k, v in summary.items() if k != ORACLE_ROW}
-    best = {c: max(v[c] for v in models.values() if not math.isnan(v[c])) for c in AVERAGES}
+    columns = [*AVERAGES, "well_observed_domain_avg"]
+    best = {c: max(v[c] for v in models.values() if not math.isnan(v[c])) for c in columns}
     lines = ["| model | per-type avg | per-scenario avg | per-domain avg | overall "
+             f"| per-domain avg, domains with ≥ {min_conversions} conversions "
              "| gap to oracle (per-domain) | best per-domain on seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind, row in summary.items():
-        cells = []
-        for c in AVERAGES:
-            text = f"{row[c]:.4f}" + ("" if math.isnan(row[f"{c}_std"]) else f" ± {row[f'{c}_std']:.4f}")
-            cells.append(f"**{text}**" if kind in models and row[c] == best[c] else text)
+        cells = [_cell(row, c, kind in models and row[c] == best[c]) for c in columns]
         gap = row.get("domain_avg_gap_to_oracle")
         wins = row.get("best_domain_avg_on_seeds")
         name = f"`{kind}`" if kind in models else f"*{kind}*"
@@ -109,6 +137,8 @@ def main() -> None:
     parser.add_argument("--preset", required=True)
     parser.add_argument("--ids", required=True, help="comma-separated comparison ids")
     parser.add_argument("--impressions", type=int, default=150000)
+    parser.add_argument("--min-conversions", type=int, default=5,
+                        help="holdout conversions a domain needs to count as well observed")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     root = Path(args.out) / args.preset
@@ -123,12 +153,13 @@ def main() -> None:
     seeds = sorted({s for per_seed in pooled.values() for s in per_seed})
     caption = (f"Holdout CVR AUC of {day} ({args.preset}), mean ± std over seeds {seeds}, "
                f"pooled from comparisons {', '.join(f'`{i}`' for i in ids)}.")
-    summary = summarize(pooled, types, scenarios)
-    print(summary_markdown(summary))
+    summary = summarize(pooled, types, scenarios, args.min_conversions)
+    print(summary_markdown(summary, args.min_conversions))
     print(to_markdown(table, types, scenarios, caption))
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "day": day, "ids": ids,
-                                               "seeds": seeds, "summary": summary}, indent=1))
+                                               "seeds": seeds, "min_conversions": args.min_conversions,
+                                               "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _value(metrics: dict[str, Any], key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std over the defined values (NaN when none / fewer than two)."""
     arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if arr.size == 0:
@@ -90,7 +90,7 @@ def comparison_table(metrics: dict[str, dict[int, dict[str, Any]]], types: Seque
     for kind, per_seed in metrics.items():
         row: dict[str, float] = {}
         for column, key in [*auc_columns(types, scenarios), *((c, c) for c in PARAM_COLUMNS)]:
-            mean, std = _mean_std([_value(m, key) for m in per_seed.values()])
+            mean, std = mean_std([_value(m, key) for m in per_seed.values()])
             row[column] = mean
             if multi and column not in PARAM_COLUMNS:
                 row[f"{column}_std"] = std
@@ -152,7 +152,7 @@ def domain_gain(metrics: dict[str, dict[int, dict[str, Any]]], types: Sequence[s
         for j, s in enumerate(scenarios):
             key = f"cvr_auc_domain/{t}/{s}"
             diffs = [_value(metrics[model][k], key) - _value(metrics[base][k], key) for k in seeds]
-            grid[i, j] = _mean_std(diffs)[0]
+            grid[i, j] = mean_std(diffs)[0]
     return grid
 
 
