@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from mmn.config import PipelineConfig, load_config  # noqa: E402
+from mmn.tasks import spark_submit_conf  # noqa: E402
 
 DAY = "2026-11-01"
 
@@ -224,9 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "peak_rss_mb": round(gen_peak / 2**20), "raw_mb": round(raw_bytes / 2**20)}
 
         submit = shutil.which("spark-submit", path=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        conf = {**spark_submit_conf(load_config(config_path, overrides=overrides)),
+                "spark.ui.showConsoleProgress": "false"}  # the CLI's and the DAG's settings
         spark_s, spark_peak, out = run_measured(
             [submit or "spark-submit", "--master", args.master, "--driver-memory", args.driver_memory,
-             "--conf", "spark.ui.showConsoleProgress=false", str(REPO_ROOT / "spark_jobs" / "build_samples.py"),
+             *[a for key, value in conf.items() for a in ("--conf", f"{key}={value}")],
+             str(REPO_ROOT / "spark_jobs" / "build_samples.py"),
              "--day", DAY, "--config", config_path, *set_args], env)
         job = re.search(r"in ([0-9.]+)s\n", out)
         job_s = float(job.group(1)) if job else spark_s

@@ -199,6 +199,14 @@ class Spark:
     shuffle_partitions: int
     output_files_per_day: int
     compress_cache: bool = True  # Spark's own default, what jobs ran with before the key
+    java_options: str | None = None  # None / empty: the JVM's defaults (G1), as before the key
+
+    def jvm_conf(self) -> dict[str, str]:
+        """The driver's and executors' JVM options as Spark settings (none when unset)."""
+        if not (self.java_options or "").strip():
+            return {}
+        return {"spark.driver.extraJavaOptions": self.java_options,
+                "spark.executor.extraJavaOptions": self.java_options}
 
 
 @dataclass(frozen=True)

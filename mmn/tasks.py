@@ -106,7 +106,7 @@ def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
 
 def spark_submit_conf(cfg: PipelineConfig) -> dict[str, str]:
     """Spark settings passed at submit time (the CLI's spark-submit and the DAG's operator)."""
-    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions)}
+    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.jvm_conf()}
 
 
 def build_job_args(cfg: PipelineConfig, day: Any) -> list[Any]:

@@ -864,6 +864,8 @@ def create_session(cfg: PipelineConfig, app_name: str = "mmn-build-samples") -> 
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
         builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+        for key, value in cfg.spark.jvm_conf().items():  # spark-submit passes these itself
+            builder = builder.config(key, value)
     return (builder.config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
             .config("spark.sql.session.timeZone", "UTC").getOrCreate())
 

@@ -72,3 +72,14 @@ def test_a_yaml_file_must_name_every_key(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="domain_lr_scale"):
         load_config(path, environ={})
+
+
+def test_java_options_reach_the_driver_and_executors_of_every_spark_submit():
+    from mmn.tasks import spark_submit_command
+
+    cfg = load_config(environ={}, overrides=["spark.java_options=-XX:+UseParallelGC -Xss4m"])
+    command = spark_submit_command(cfg, "2026-11-02")
+    for role in ("driver", "executor"):
+        assert f"spark.{role}.extraJavaOptions=-XX:+UseParallelGC -Xss4m" in command
+    unset = spark_submit_command(load_config(environ={}, overrides=["spark.java_options="]), "2026-11-02")
+    assert not any("extraJavaOptions" in arg for arg in unset)
