@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     set_args = [a for o in overrides for a in ("--set", o)]
+    cfg = load_config(config_path, overrides=overrides)  # the job's own config, as it will read it
     py = sys.executable
     env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", py),
            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"), "PYTHONPATH": str(REPO_ROOT)}
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "peak_rss_mb": round(gen_peak / 2**20), "raw_mb": round(raw_bytes / 2**20)}
 
         submit = shutil.which("spark-submit", path=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        conf = {**spark_submit_conf(load_config(config_path, overrides=overrides)),
+        conf = {**spark_submit_conf(cfg),
                 "spark.ui.showConsoleProgress": "false"}  # the CLI's and the DAG's settings
         spark_s, spark_peak, out = run_measured(
             [submit or "spark-submit", "--master", args.master, "--driver-memory", args.driver_memory,
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = re.search(r"in ([0-9.]+)s\n", out)
         job_s = float(job.group(1)) if job else spark_s
         phases = re.search(r"phases: (.*)\n", out)
-        manifest = json.loads(load_config(config_path, overrides=overrides).paths.manifest_path(DAY).read_text())
+        manifest = json.loads(cfg.paths.manifest_path(DAY).read_text())
         results["spark"] = {"wall_seconds": round(spark_s, 2), "job_seconds": round(job_s, 2),
                             "rows_per_s": round(args.impressions / job_s),
                             "rows_per_s_incl_startup": round(args.impressions / spark_s),

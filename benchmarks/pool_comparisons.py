@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from benchmarks.bench_accuracy import AVERAGES, preset_env
 from mmn.config import load_config
 from training.compare import ORACLE_ROW, comparison_table, mean_std, to_markdown
@@ -79,11 +81,9 @@ def well_observed_domain_avg(metrics: dict[str, Any], min_conversions: int, pref
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def summarize(pooled: Metrics, types: list[str], scenarios: list[str],
-              min_conversions: int) -> dict[str, dict[str, float]]:
+def summarize(pooled: Metrics, table: pd.DataFrame, min_conversions: int) -> dict[str, dict[str, float]]:
     """Per kind: the four averages' mean and std, gaps to the oracle, per-domain wins, and
-    the per-domain average over well-observed domains."""
-    table = comparison_table(pooled, types, scenarios)
+    the per-domain average over well-observed domains. ``table``: ``comparison_table(pooled, ...)``."""
     wins = best_counts(pooled, "cvr_auc_domain_avg")
     summary: dict[str, dict[str, float]] = {}
     for kind, row in table.iterrows():
@@ -153,7 +153,7 @@ def main() -> None:
     seeds = sorted({s for per_seed in pooled.values() for s in per_seed})
     caption = (f"Holdout CVR AUC of {day} ({args.preset}), mean ± std over seeds {seeds}, "
                f"pooled from comparisons {', '.join(f'`{i}`' for i in ids)}.")
-    summary = summarize(pooled, types, scenarios, args.min_conversions)
+    summary = summarize(pooled, table, args.min_conversions)
     print(summary_markdown(summary, args.min_conversions))
     print(to_markdown(table, types, scenarios, caption))
     if args.json:
