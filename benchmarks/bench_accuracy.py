@@ -2,7 +2,7 @@
 
 For each generator preset, in its own scratch lake and MLflow store: generate
 ``--train-days + 1`` days of raw logs, build every day with the real Spark job
-(spark-submit), then run :func:`training.compare.compare` (the same code as
+(spark-submit), then run :func:`mmn.compare.compare` (the same code as
 `mmn compare` and the comparison DAG) with the last day as holdout. Prints each preset's
 paper-style table (with the oracle row: the generator's true probabilities on the same
 rows) and a summary of average per-type / per-scenario / per-domain CVR AUC, mean ± std
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmn.config import load_config
+from core.config import load_config
 
 AVERAGES = ("type_avg", "scenario_avg", "domain_avg", "overall")
 
@@ -40,9 +40,9 @@ def preset_env(root: Path, preset: str, impressions: int) -> dict[str, str]:
 
 
 def run_preset(preset: str, args: argparse.Namespace) -> dict:
+    from mmn.compare import compare
     from mmn.tasks import build_day
-    from spark_jobs.generate_logs import generate
-    from training.compare import compare
+    from simulation.generate_logs import generate
 
     root = Path(args.out) / preset
     root.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mmn.config import PipelineConfig, load_config
+from core.config import PipelineConfig, load_config
 from training.losses import loss_from_config
 from training.models import build_model, loss_config
 from training.trainer import make_optimizer, parameter_groups, resolve_device

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmn.config import load_config
+from core.config import load_config
 
 
 def raw_records(cfg, day: str) -> list[dict]:
@@ -48,8 +48,8 @@ def raw_records(cfg, day: str) -> list[dict]:
 def log_model(cfg, kind: str, types: list[str], scenarios: list[str], example: pd.DataFrame) -> str:
     import mlflow
 
+    from serving.pyfunc import ModelBundle, log_serving_model
     from training.models import build_model
-    from training.serving import ModelBundle, log_serving_model
 
     torch.manual_seed(0)
     model = build_model(cfg, len(types), len(scenarios), kind).eval()
@@ -160,7 +160,7 @@ def main() -> None:
                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
         cfg = load_config(environ=env)
         from mmn.tasks import setup_mlflow
-        from spark_jobs.generate_logs import generate
+        from simulation.generate_logs import generate
 
         day = cfg.airflow.start_date
         generate(cfg, day, 1, impressions_per_day=args.impressions, fault_rate=0.0)

@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mmn.config import PipelineConfig, load_config  # noqa: E402
+from core.config import PipelineConfig, load_config  # noqa: E402
 from mmn.tasks import spark_submit_conf  # noqa: E402
 
 DAY = "2026-11-01"
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"), "PYTHONPATH": str(REPO_ROOT)}
     results: dict[str, object] = {"impressions": args.impressions, "master": args.master}
     try:
-        gen_s, gen_peak, _ = run_measured([py, "-m", "spark_jobs.generate_logs", "--start", DAY, "--days", "1",
+        gen_s, gen_peak, _ = run_measured([py, "-m", "simulation.generate_logs", "--start", DAY, "--days", "1",
                                            "--impressions-per-day", str(args.impressions),
                                            "--config", config_path, *set_args], env)
         raw_bytes = sum(p.stat().st_size for p in (work / "raw").rglob("*") if p.is_file())

@@ -1,6 +1,6 @@
 """Does SSIM help data-poor scenarios? MMN vs MMN+SSIM and DNN vs DNN+SSIM on synthetic days.
 
-Data: training/synthetic.py days (CVR depends on a per-(type, scenario) interaction) where
+Data: simulation/synthetic.py days (CVR depends on a per-(type, scenario) interaction) where
 the training days keep only ``--poor-keep`` of the rows of the ``--poor`` scenarios; the
 test day is complete, so every domain's holdout CVR AUC is measurable. Per seed and kind:
 
@@ -37,10 +37,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mmn.config import PipelineConfig, load_config
+from core.config import PipelineConfig, load_config
+from simulation.synthetic import make_day, scenario_names, type_names, write_day, write_vocabs
 from training import ssim as S
 from training.metrics import evaluate
-from training.synthetic import make_day, scenario_names, type_names, write_day, write_vocabs
 from training.trainer import slice_ranges, train
 
 SMALL_FEATURES = [

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mmn.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 
 DAY = "2026-11-01"
 

@@ -2,10 +2,10 @@
 
 A long study can run its seeds in separate sittings (``bench_accuracy.py --seeds 1`` today,
 ``--seeds 2,3`` tomorrow): each sitting is its own comparison, whose per-seed holdout
-metrics :func:`training.compare.compare` saved as ``comparison.json`` in the preset's
+metrics :func:`mmn.compare.compare` saved as ``comparison.json`` in the preset's
 reports folder. This reads those files, checks that they scored the same holdout day and
 do not repeat a (model, seed), and builds the paper-shaped table with the same code as
-``compare`` (:func:`training.compare.comparison_table`), plus the averages summary with
+``compare`` (:func:`mmn.compare.comparison_table`), plus the averages summary with
 each model's gap to the oracle and how often it was the best model per seed.
 
     PYTHONPATH=. python benchmarks/pool_comparisons.py --out /tmp/bench/accuracy \\
@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.bench_accuracy import AVERAGES, preset_env
-from mmn.config import load_config
-from training.compare import ORACLE_ROW, comparison_table, mean_std, to_markdown
+from core.config import load_config
+from mmn.compare import ORACLE_ROW, comparison_table, mean_std, to_markdown
 
 Metrics = dict[str, dict[int, dict[str, Any]]]
 

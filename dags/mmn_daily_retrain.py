@@ -16,7 +16,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from mmn.config import load_config
+from core.config import load_config
 from mmn.orchestration import champion_asset, daily_params, default_args, samples_asset
 from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_conf
 

@@ -2,7 +2,7 @@
 (seeds fixed) and log them into one MLflow experiment, with the MMN paper's per-type and
 per-scenario CVR AUC table and MMN's gain-over-DNN heatmap on a parent run.
 
-The day's samples must already be built (by mmn_daily_retrain). Logic: training.compare.
+The day's samples must already be built (by mmn_daily_retrain). Logic: mmn.compare.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import datetime as dt
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from mmn.config import load_config
+from core.config import load_config
 from mmn.model_kinds import MODEL_KINDS
 from mmn.orchestration import default_args
 
@@ -39,7 +39,7 @@ CFG = load_config()
 def mmn_model_comparison() -> None:
     @task(execution_timeout=dt.timedelta(minutes=CFG.airflow.train_timeout_minutes))
     def compare_models(**context) -> dict:
-        from training.compare import compare
+        from mmn.compare import compare
 
         params = context["params"]
         result = compare(load_config(), params["date"], list(params["kinds"]), seeds=tuple(params["seeds"]))

@@ -12,7 +12,7 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-from mmn.config import REPO_ROOT, PipelineConfig
+from core.config import REPO_ROOT, PipelineConfig
 
 AIRFLOW_HOME = REPO_ROOT / ".airflow"
 

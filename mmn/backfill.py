@@ -13,8 +13,8 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from mmn.config import PipelineConfig
-from mmn.schedule import cron_time, day_built_by, interval_start_for
+from core.config import PipelineConfig
+from core.schedule import cron_time, day_built_by, interval_start_for
 
 DAG_ID = "mmn_daily_retrain"
 LOCK_RETRIES = 5

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mmn.config import PipelineConfig, add_config_arguments, load_config
+from core.config import PipelineConfig, add_config_arguments, load_config
 
 
 def _config_parent() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def cmd_run_day(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from training.registry import client_for, rollback
+    from serving.registry import client_for, rollback
 
     cfg = _cfg(args)
     restored, demoted = rollback(client_for(cfg), cfg.mlflow.registered_model)
@@ -140,9 +140,9 @@ def _passthrough(module: str) -> Callable[[Sequence[str]], int]:
 
 
 PASSTHROUGH = {
-    "generate": ("spark_jobs.generate_logs", "write sample raw logs (see `mmn generate --help`)"),
+    "generate": ("simulation.generate_logs", "write sample raw logs (see `mmn generate --help`)"),
     "validate": ("validation.runner", "validate a built day with the GX suite"),
-    "compare": ("training.compare", "train several model kinds on one window and compare them"),
+    "compare": ("mmn.compare", "train several model kinds on one window and compare them"),
 }
 
 

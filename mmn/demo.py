@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any
 
+from core.config import REPO_ROOT, PipelineConfig
+from core.schedule import logical_date_for
 from mmn.airflow_env import apply
-from mmn.config import REPO_ROOT, PipelineConfig
-from mmn.schedule import logical_date_for
 
 
 def migrate_airflow_db() -> None:
@@ -47,7 +47,7 @@ def run_demo(cfg: PipelineConfig, start: str | None = None, days: int = 3) -> in
     first = dt.date.fromisoformat(start or cfg.airflow.start_date)
     day_list = [(first + dt.timedelta(days=i)).isoformat() for i in range(days)]
     print(f"== generating {days} days of raw logs from {day_list[0]} into {cfg.paths.raw_root}", flush=True)
-    from spark_jobs.generate_logs import generate
+    from simulation.generate_logs import generate
 
     generate(cfg, day_list[0], days)
     migrate_airflow_db()
@@ -89,6 +89,6 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    from mmn.config import load_config
+    from core.config import load_config
 
     sys.exit(run_demo(load_config()))

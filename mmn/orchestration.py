@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 from typing import Any
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from mmn.model_kinds import MODEL_KINDS
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def failure_summary(context: dict[str, Any]) -> str:
 
 def on_task_failure(context: dict[str, Any]) -> None:
     """Failure callback: log the summary and append it to the failures file (see README)."""
-    from mmn.config import load_config
+    from core.config import load_config
 
     summary = failure_summary(context)
     log.error("TASK FAILED: %s", summary)

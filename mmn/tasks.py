@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmn.config import REPO_ROOT, PipelineConfig
+from core.config import REPO_ROOT, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ def resolve_day(cfg: PipelineConfig, explicit: str | None, interval_start: dt.da
         return parse_day(explicit).isoformat()
     if interval_start is None:
         raise ValueError("no date given and the run has no data interval")
-    from mmn.schedule import day_built_by
+    from core.schedule import day_built_by
 
     return day_built_by(cfg, interval_start)
 
 
 def check_raw_logs(cfg: PipelineConfig, day: str) -> int:
     """Fail in seconds, naming the folder, when day D has no impressions (before Spark starts)."""
-    from mmn.raw_inputs import require_impressions
+    from core.raw_inputs import require_impressions
 
     files = require_impressions(cfg, day)
     log.info("raw impressions of %s: %d file(s) under %s", day, len(files), cfg.paths.raw_dir("impressions", day))
@@ -186,7 +186,7 @@ def git_commit() -> str:
 
 
 def vocab_lists(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
-    from mmn.vocab import load_vocab
+    from core.vocab import load_vocab
 
     types = load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values()
     scenarios = load_vocab(cfg.paths.vocab_dir, cfg.domains.scenario_field).values()
@@ -238,7 +238,7 @@ def train_day(
     import mlflow
     import pandas as pd
 
-    from training.serving import ModelBundle, log_serving_model
+    from serving.pyfunc import ModelBundle, log_serving_model
     from training.ssim import ssim_config
     from training.trainer import train
 
@@ -350,10 +350,10 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
     """Score the challenger and the current champion on the same holdout; log both."""
     import mlflow
 
+    from serving.plots import log_domain_plots
+    from serving.pyfunc import load_serving_model
+    from serving.registry import CHAMPION, alias_version, client_for
     from training.metrics import gate_conversions
-    from training.plots import log_domain_plots
-    from training.registry import CHAMPION, alias_version, client_for
-    from training.serving import load_serving_model
 
     setup_mlflow(cfg)
     # The holdout must match what training left out: the run records whether it split day D.
@@ -445,7 +445,7 @@ def gate_day(
 
     import mlflow
 
-    from training.registry import client_for, decide, promote, record_decision, register, write_gate_report
+    from serving.registry import client_for, decide, promote, record_decision, register, write_gate_report
 
     gate = dataclasses.replace(
         cfg.gate,

@@ -15,7 +15,7 @@ repository root, or import :func:`build_day`. Why it is shaped this way:
   variant-typed exact check where a value's JSON type is in doubt), so each defect gets its
   own reason: broken UTF-8, broken JSON, missing required field, wrong JSON type, bad
   timestamp, unknown domain value. Parquet records go through the same parser as JSON.
-* Hashing uses Spark expressions equal to :mod:`mmn.hashing` (tests/test_hashing_parity.py).
+* Hashing uses Spark expressions equal to :mod:`core.hashing` (tests/test_hashing_parity.py).
 * Outputs are staged and swapped in whole, so a rerun of a day replaces it exactly.
 """
 
@@ -49,9 +49,9 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql import types as T  # noqa: E402
 
-from mmn.config import ConfigError, FeatureField, PipelineConfig, add_config_arguments, load_config  # noqa: E402
-from mmn.raw_inputs import MissingRawLogsError, data_files, require_impressions  # noqa: E402
-from mmn.vocab import Vocabulary, load_vocab, save_vocab  # noqa: E402
+from core.config import ConfigError, FeatureField, PipelineConfig, add_config_arguments, load_config  # noqa: E402
+from core.raw_inputs import MissingRawLogsError, data_files, require_impressions  # noqa: E402
+from core.vocab import Vocabulary, load_vocab, save_vocab  # noqa: E402
 
 LOGS = ("impressions", "clicks", "conversions")
 
@@ -104,7 +104,7 @@ class AccountingError(RuntimeError):
 
 
 def categorical_id_expr(field: FeatureField, value: Column) -> Column:
-    """``1 + pmod(xxhash64("<name>=" + v), buckets - 1)``; null or "" -> 0 (mmn.hashing)."""
+    """``1 + pmod(xxhash64("<name>=" + v), buckets - 1)``; null or "" -> 0 (core.hashing)."""
     hashed = F.pmod(F.xxhash64(F.concat(F.lit(f"{field.name}="), value)), F.lit(field.buckets - 1)) + 1
     return F.when(value.isNull() | (value == ""), F.lit(0)).otherwise(hashed).cast("int")
 

@@ -45,8 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(TEST_OVERRIDES)
     os.environ["AIRFLOW_HOME"] = str(SESSION_ROOT / "airflow")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from core.config import load_config
     from mmn.airflow_env import apply
-    from mmn.config import load_config
 
     apply(load_config())
 

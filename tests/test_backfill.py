@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import load_config
+from core.schedule import interval_start_for
 from mmn.airflow_env import airflow_env
-from mmn.config import load_config
-from mmn.schedule import interval_start_for
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,7 @@ def backfill(tmp_path_factory):
     root = tmp_path_factory.mktemp("backfill")
     env = _environment(root)
     cfg = load_config(environ=env)
-    from spark_jobs.generate_logs import generate
+    from simulation.generate_logs import generate
 
     generate(cfg, DAYS[0], len(DAYS))
     subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True)
@@ -156,7 +156,7 @@ def test_promotions_are_serialized_in_date_order(backfill):
 
 def test_each_gate_compared_against_the_champion_the_day_before_left(backfill):
     cfg, _, _ = backfill
-    from training.registry import CHAMPION, alias_version, client_for
+    from serving.registry import CHAMPION, alias_version, client_for
 
     champion = None
     versions = []

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from mmn.config import load_config
+from core.config import load_config
 from mmn.model_kinds import MODEL_KINDS
+from simulation.synthetic import write_days
 from training.losses import mmn_loss
 from training.models import MIDPG, PLE, STAR, available_models, build_model
 from training.models import dpg as dpg_module
 from training.models.dpg import DPG, VARIANTS
-from training.synthetic import write_days
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -18,13 +18,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mmn.config import PipelineConfig, load_config
-from mmn.hashing import hash_record
-from mmn.vocab import load_vocab
+from core.config import PipelineConfig, load_config
+from core.hashing import hash_record
+from core.vocab import load_vocab
 from tests.spark_fixtures import spark  # noqa: F401
 
 pytest.importorskip("pyspark")
 
+from simulation.generate_logs import generate  # noqa: E402
 from spark_jobs.build_samples import (  # noqa: E402
     MissingInputError,
     build_day,
@@ -33,7 +34,6 @@ from spark_jobs.build_samples import (  # noqa: E402
     shift,
 )
 from spark_jobs.build_samples import main as build_main  # noqa: E402
-from spark_jobs.generate_logs import generate  # noqa: E402
 
 D1, D2 = "2026-11-01", "2026-11-02"
 N1, N2 = 3000, 6000
@@ -210,7 +210,7 @@ def test_clean_day_accounts_for_everything(lake) -> None:
 
 
 def test_truth_file_covers_every_impression(lake) -> None:
-    truth = pq.read_table(lake.cfg.paths.truth_dir(D1) / "truth.parquet")
+    truth = pq.read_table(lake.cfg.paths.truth_file(D1))
     assert truth.column_names == ["impression_id", "p_click", "p_conversion"]
     assert set(truth.column("impression_id").to_pylist()) == set(lake.samples1.column("impression_id").to_pylist())
     assert 0 < pc.min(truth.column("p_click")).as_py() and pc.max(truth.column("p_conversion")).as_py() < 1

@@ -1,4 +1,4 @@
-"""training.compare: paper-style tables from real train_day / evaluate_day child runs."""
+"""mmn.compare: paper-style tables from real train_day / evaluate_day child runs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmn.config import load_config
-from training.compare import compare, comparison_table, domain_gain, main, to_markdown
-from training.synthetic import scenario_names, type_names, write_days, write_raw_impressions
+from core.config import load_config
+from mmn.compare import compare, comparison_table, domain_gain, main, to_markdown
+from simulation.synthetic import scenario_names, type_names, write_days, write_raw_impressions
 
 DAY = "2024-04-02"
 N_TYPES, N_SCENARIOS = 2, 2

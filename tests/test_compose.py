@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmn.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"}
 LONG_RUNNING = AIRFLOW_SERVICES | {"postgres", "mlflow", "spark-master", "spark-worker"}

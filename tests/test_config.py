@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from mmn.config import ConfigError, config_from_mapping, load_config
+from core.config import ConfigError, config_from_mapping, load_config
 
 
 def test_defaults_load_and_resolve_paths():

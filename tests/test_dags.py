@@ -9,7 +9,7 @@ import sys
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
 
-from mmn.config import REPO_ROOT
+from core.config import REPO_ROOT
 from mmn.demo import load_dag
 
 
@@ -75,7 +75,7 @@ def test_the_dag_submits_the_same_build_job_as_the_cli(dag):
     """One definition of the job's arguments and submit-time conf serves the DAG and `mmn build`."""
     from airflow.sdk.definitions.xcom_arg import XComArg
 
-    from mmn.config import load_config
+    from core.config import load_config
     from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_command, spark_submit_conf
 
     cfg = load_config()

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmn.config import load_config
-from mmn.hashing import signed_xxhash64
+from core.config import load_config
+from core.hashing import signed_xxhash64
+from simulation.synthetic import make_day, write_day, write_vocabs
 from training.data import SampleStream, count_rows, hash_buckets
-from training.synthetic import make_day, write_day, write_vocabs
 from training.trainer import NonFiniteLossError, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

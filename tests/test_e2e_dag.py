@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmn.config import load_config
+from core.config import load_config
+from core.schedule import logical_date_for
 from mmn.demo import load_dag
-from mmn.schedule import logical_date_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ DAYS = ["2026-11-01", "2026-11-02"]
 @pytest.fixture(scope="module")
 def daily_runs():
     cfg = load_config()
-    from spark_jobs.generate_logs import generate
+    from simulation.generate_logs import generate
 
     counts = generate(cfg, DAYS[0], len(DAYS))
     subprocess.run(["airflow", "db", "migrate"], check=True, capture_output=True)
@@ -77,7 +77,7 @@ def test_validation_succeeded(daily_runs):
 
 def test_mlflow_run_has_holdout_metrics_and_champion_alias(daily_runs):
     cfg, _, _ = daily_runs
-    from training.registry import CHAMPION, PREVIOUS, alias_version, client_for
+    from serving.registry import CHAMPION, PREVIOUS, alias_version, client_for
 
     client = client_for(cfg)
     first, second = (_gate_summary(cfg, d) for d in DAYS)
@@ -121,7 +121,7 @@ BAD_RECORDS = [
 def test_pyfunc_on_raw_records_equals_model_on_spark_rows(daily_runs):
     """Serving hashes raw records exactly as the Spark job did: same predictions."""
     cfg, _, _ = daily_runs
-    from training.serving import load_serving_model
+    from serving.pyfunc import load_serving_model
 
     serving = load_serving_model(f"models:/{cfg.mlflow.registered_model}@champion")
     records = _raw_records(cfg, DAYS[1], 300)
@@ -140,7 +140,7 @@ def test_pyfunc_on_raw_records_equals_model_on_spark_rows(daily_runs):
 
 def test_bad_records_get_a_clear_error_each(daily_runs):
     cfg, _, _ = daily_runs
-    from training.serving import load_serving_model
+    from serving.pyfunc import load_serving_model
 
     serving = load_serving_model(f"models:/{cfg.mlflow.registered_model}@champion")
     out = serving.predict_records([*_raw_records(cfg, DAYS[1], 2), *BAD_RECORDS])
@@ -161,7 +161,7 @@ def _free_port():
 def test_mlflow_models_serve_answers_like_in_process(daily_runs):
     """`mlflow models serve -m models:/<name>@champion --env-manager local` on 127.0.0.1."""
     cfg, _, _ = daily_runs
-    from training.serving import load_serving_model
+    from serving.pyfunc import load_serving_model
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
@@ -208,8 +208,8 @@ BAD_DAY = "2026-11-03"
 def bad_day_run(daily_runs):
     """Day 3's logs hold a third of the usual impressions: validation must stop the run."""
     cfg, _, _ = daily_runs
-    from spark_jobs.generate_logs import generate
-    from training.registry import CHAMPION, alias_version, client_for
+    from serving.registry import CHAMPION, alias_version, client_for
+    from simulation.generate_logs import generate
 
     champion_before = alias_version(client_for(cfg), cfg.mlflow.registered_model, CHAMPION)
     generate(cfg, BAD_DAY, 1, impressions_per_day=cfg.generator.impressions_per_day // 3)
@@ -220,7 +220,7 @@ def bad_day_run(daily_runs):
 
 def test_validation_failure_stops_training_and_keeps_the_champion(bad_day_run):
     cfg, dagrun, states, champion_before = bad_day_run
-    from training.registry import CHAMPION, alias_version, client_for
+    from serving.registry import CHAMPION, alias_version, client_for
 
     assert "failed" in str(dagrun.state)
     assert "success" in states["build_samples"]

@@ -8,8 +8,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mmn.config import load_config
-from training.registry import (
+from core.config import load_config
+from serving.registry import (
     CHAMPION,
     PREVIOUS,
     alias_version,

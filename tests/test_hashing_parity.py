@@ -1,4 +1,4 @@
-"""The Spark job's feature ids must equal mmn.hashing's bit for bit: serving hashes raw
+"""The Spark job's feature ids must equal core.hashing's bit for bit: serving hashes raw
 requests in Python with the ids the model was trained on, which Spark computed."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from mmn.config import FeatureField, load_config
-from mmn.hashing import categorical_id, hash_record, numeric_id
+from core.config import FeatureField, load_config
+from core.hashing import categorical_id, hash_record, numeric_id
 from tests.spark_fixtures import spark  # noqa: F401
 
 pytest.importorskip("pyspark")
@@ -102,7 +102,7 @@ def test_numeric_ids_match_python(spark) -> None:  # noqa: F811
 
 def test_ids_through_the_json_parser_match_python(spark, tmp_path) -> None:  # noqa: F811
     """Whole path: JSON text (escaped and raw UTF-8) -> the job's parser -> ids, versus
-    json.loads -> mmn.hashing.hash_record."""
+    json.loads -> core.hashing.hash_record."""
     cfg = load_config()
     fields = log_fields(cfg, "impressions")
     strings = [*SPECIAL_STRINGS, *_random_strings(1500, seed=3)]

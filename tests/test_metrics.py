@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mmn.config import load_config
+from core.config import load_config
+from simulation.synthetic import scenario_names, type_names, write_days
 from training.metrics import (
     auc,
     evaluate,
@@ -21,7 +22,6 @@ from training.metrics import (
     predict_rows,
 )
 from training.models import build_model
-from training.synthetic import scenario_names, type_names, write_days
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

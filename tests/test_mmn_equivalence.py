@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmn.config import load_config
+from core.config import load_config
 from mmn.model_kinds import MODEL_KINDS
 from training.models import MMN, available_models, build_model, loss_config
 from training.models import mmn as mmn_module

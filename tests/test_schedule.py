@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
+from core.config import load_config
+from core.schedule import day_built_by, interval_start_for, logical_date_for
 from mmn.backfill import describe, range_for_days
-from mmn.config import load_config
-from mmn.schedule import day_built_by, interval_start_for, logical_date_for
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mmn.config import ConfigError, config_from_mapping, load_config
+from core.config import ConfigError, config_from_mapping, load_config
+from simulation.synthetic import make_day, write_day, write_days, write_vocabs
 from training import ssim as S
 from training.data import BucketRange, SampleStream, batch_to_device
 from training.losses import bce, domain_weights, loss_from_config
 from training.models import build_model, loss_config
-from training.synthetic import make_day, write_day, write_days, write_vocabs
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmn.config import PipelineConfig, load_config
-from mmn.vocab import Vocabulary, save_vocab
+from core.config import PipelineConfig, load_config
+from core.vocab import Vocabulary, save_vocab
 from validation.baseline import TrailingStats, load_domain_vocab, trailing_days
 from validation.runner import ValidationFailed, main, validate_day, validate_or_raise
 from validation.suite import (

@@ -28,14 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mmn.config import PipelineConfig
-from mmn.hashing import signed_xxhash64
+from core.config import PipelineConfig
+from core.contracts import DOMAIN_COLUMNS, ID_COLUMN, LABEL_COLUMNS, SPLITS
+from core.hashing import signed_xxhash64
 
 HASH_BUCKETS = 10_000
-ID_COLUMN = "impression_id"
-DOMAIN_COLUMNS = ("type_id", "scenario_id")
-LABEL_COLUMNS = ("click", "conversion")
-SPLITS = ("train", "holdout")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
+from core.contracts import model_fields
 
 
 def feature_cardinalities(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> list[int]:
@@ -62,7 +63,7 @@ class FeatureEmbedding(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int) -> FeatureEmbedding:
-        names = [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field]
+        names = model_fields(cfg)
         return cls(feature_cardinalities(cfg, n_types, n_scenarios), cfg.model.embedding_dim, names)
 
     def forward(

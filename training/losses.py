@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from mmn.config import Model
+from core.config import Model
 
 PROB_EPS = 1e-7
 

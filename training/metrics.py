@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.data import SampleStream, batch_to_device
 
 LOG_EPS = 1e-7
-TRUTH_FILE = "truth.parquet"
 
 
 def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
@@ -63,7 +62,7 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
 
 
 def truth_path(cfg: PipelineConfig, day: str) -> Path:
-    return cfg.paths.truth_dir(day) / TRUTH_FILE
+    return cfg.paths.truth_file(day)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from mmn.config import ConfigError, Model, PipelineConfig
+from core.config import ConfigError, Model, PipelineConfig
 from training.data import BucketRange, SampleStream, batch_to_device
 from training.layers import MLP, FeatureEmbedding
 from training.losses import LossOutput, bce, domain_weights, loss_from_config
@@ -335,7 +335,7 @@ def ssim_root(cfg: PipelineConfig) -> Path:
 
 def _domain_names(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> tuple[list[str], list[str]]:
     """Vocabulary names when the vocabularies cover the ids, else the ids as strings."""
-    from mmn.vocab import load_vocab
+    from core.vocab import load_vocab
 
     names = []
     for field, n in ((cfg.domains.type_field, n_types), (cfg.domains.scenario_field, n_scenarios)):

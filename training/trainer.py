@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mmn.config import PipelineConfig, add_config_arguments, load_config
-from mmn.vocab import load_vocab
+from core.config import PipelineConfig, add_config_arguments, load_config
+from core.vocab import load_vocab
 from training.data import (
     HASH_BUCKETS,
     BucketRange,

@@ -14,8 +14,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from mmn.config import PipelineConfig
-from mmn.vocab import Vocabulary, load_vocab
+from core.config import PipelineConfig
+from core.vocab import Vocabulary, load_vocab
 
 Domain = tuple[str, str]  # (conversion type value, display scenario value)
 TYPE_AXIS, SCENARIO_AXIS = 0, 1

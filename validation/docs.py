@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}

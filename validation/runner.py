@@ -36,7 +36,7 @@ from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.exceptions import DataContextError
 
-from mmn.config import PipelineConfig, add_config_arguments, load_config
+from core.config import PipelineConfig, add_config_arguments, load_config
 from validation.baseline import load_domain_vocab, load_trailing_stats, read_manifest
 from validation.docs import data_docs_dir, write_index
 from validation.suite import (

@@ -18,8 +18,8 @@ import great_expectations as gx
 import pandas as pd
 from great_expectations.expectations.row_conditions import Column
 
-from mmn.config import PipelineConfig
-from mmn.vocab import Vocabulary
+from core.config import PipelineConfig
+from core.vocab import Vocabulary
 from validation.baseline import (
     SCENARIO_AXIS,
     TYPE_AXIS,

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
+from core.contracts import model_fields
 from training.layers import FeatureEmbedding, ProbabilityTower
 
 
@@ -19,7 +20,7 @@ def config_inputs(cfg: PipelineConfig) -> dict[str, Any]:
         "feature_cardinalities": [f.cardinality for f in cfg.features],
         "embedding_dim": cfg.model.embedding_dim,
         "ctr_hidden": cfg.model.ctr_hidden,
-        "field_names": [f.name for f in cfg.features] + [cfg.domains.type_field, cfg.domains.scenario_field],
+        "field_names": model_fields(cfg),
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.layers import ProbabilityTower
 from training.models.base import CVRModel, config_inputs
 from training.models.zoo import register_model

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.layers import MLP
 from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.zoo import register_model

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.models.base import CVRModel, config_inputs
 from training.models.zoo import register_model
 

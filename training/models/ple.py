@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
 from training.models.mmoe import ExpertBank, RoutedTower, routed_linear, split_hidden, task_count, uniform_

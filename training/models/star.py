@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 from training.layers import MLP
 from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from mmn.config import Model, PipelineConfig
+from core.config import Model, PipelineConfig
 from training.models.base import CVRModel
 
 ModelFactory = Callable[[PipelineConfig, int, int], CVRModel]

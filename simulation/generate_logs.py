@@ -10,7 +10,7 @@ Layout written (the raw-log contract, README "Raw-log contract"):
 ``<raw_root>/<log>/dt=P/part-<k>.<ext>`` where ``k = P - impression day``: clicks and
 conversions of day D's impressions that land on a later day P go to that day's partition
 under their own file name, so generating day D never clobbers what day D-1 wrote there.
-True probabilities go to ``cfg.paths.truth_dir(D)/truth.parquet``, never into the logs.
+True probabilities go to ``cfg.paths.truth_file(D)``, never into the logs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmn.config import PipelineConfig, add_config_arguments, load_config
+from core.config import PipelineConfig, add_config_arguments, load_config
 
 DAY_MS = 86_400_000
 CHUNK_ROWS = 250_000  # impressions simulated and written per step: bounds memory at any scale
@@ -830,7 +830,7 @@ def generate_day(cfg: PipelineConfig, world: World, day: dt.date, n: int, seed: 
 
     out = DayOutput(cfg, day, fmt)
     out.remove_stale(_max_offset(cfg))
-    truth_path = cfg.paths.truth_dir(day.isoformat()) / "truth.parquet"
+    truth_path = cfg.paths.truth_file(day.isoformat())
     truth_path.parent.mkdir(parents=True, exist_ok=True)
     truth_schema = pa.schema([("impression_id", pa.string()), ("p_click", pa.float64()),
                               ("p_conversion", pa.float64())])
@@ -889,7 +889,7 @@ def generate(cfg: PipelineConfig, start_day: str, days: int, *, preset: str | No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m spark_jobs.generate_logs",
+        prog="python -m simulation.generate_logs",
         description="Write deterministic synthetic raw logs (impressions, clicks, conversions) "
                     "and the true probabilities, per the raw-log contract.",
     )

@@ -17,7 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmn.config import Gate, PipelineConfig
+from core.config import Gate, PipelineConfig
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 

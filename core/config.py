@@ -97,6 +97,10 @@ class Paths:
     def truth_dir(self, day: str) -> Path:
         return self.truth_root / f"dt={day}"
 
+    def truth_file(self, day: str) -> Path:
+        """The generator's side file of true probabilities for a day (never in the logs)."""
+        return self.truth_dir(day) / "truth.parquet"
+
     @property
     def failures_log(self) -> Path:
         return self.reports_root / "failures.log"

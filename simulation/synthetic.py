@@ -15,10 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmn.config import PipelineConfig
-from mmn.vocab import Vocabulary, save_vocab
-from training.data import DOMAIN_COLUMNS
-from training.metrics import TRUTH_FILE
+from core.config import PipelineConfig
+from core.contracts import DOMAIN_COLUMNS
+from core.vocab import Vocabulary, save_vocab
 
 MAX_SYNTHETIC_IDS = 64  # small id ranges keep the signal learnable from few rows
 
@@ -107,7 +106,7 @@ def write_day(
         paths.append(path)
     if truth is not None:
         cfg.paths.truth_dir(day).mkdir(parents=True, exist_ok=True)
-        pq.write_table(truth, cfg.paths.truth_dir(day) / TRUTH_FILE)
+        pq.write_table(truth, cfg.paths.truth_file(day))
     return paths
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from mmn.config import PipelineConfig
+from core.config import PipelineConfig
 
 
 def cron_time(cron: str) -> tuple[int, int]:

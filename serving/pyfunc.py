@@ -3,7 +3,7 @@
 The registered MLflow model is a pyfunc (:class:`CVRPyfunc`) that ships, inside its
 artifacts, the weights plus a bundle: the effective pipeline config (feature fields and
 hashing) and the domain vocabularies as they were at training time. A request record is
-hashed by :mod:`mmn.hashing` (the pure-Python twin of the Spark job's expressions), its
+hashed by :mod:`core.hashing` (the pure-Python twin of the Spark job's expressions), its
 domain is looked up in the shipped vocabulary, and only that domain's tower runs.
 
 Bad records never get a silent answer: each output row carries ``error`` (null when the
@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmn.config import REPO_ROOT, PipelineConfig, config_from_mapping
-from mmn.hashing import feature_id, is_missing
+from core.config import REPO_ROOT, PipelineConfig, config_from_mapping
+from core.contracts import request_fields
+from core.hashing import feature_id, is_missing
 
 OUTPUT_COLUMNS = ["p_ctr", "p_cvr", "p_ctcvr", "error"]
 BUNDLE_FORMAT = 1
@@ -161,7 +162,7 @@ except ImportError:  # pragma: no cover - serving without mlflow installed
 
 def input_columns(cfg: PipelineConfig) -> list[str]:
     """Raw-record fields the model reads (all optional: a missing one is a per-record error)."""
-    return [cfg.domains.type_field, cfg.domains.scenario_field, *(f.name for f in cfg.features)]
+    return request_fields(cfg)
 
 
 def _pip_requirements() -> list[str]:

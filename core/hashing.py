@@ -16,7 +16,7 @@ from typing import Any
 
 import xxhash
 
-from mmn.config import FeatureField
+from core.config import FeatureField
 
 MISSING_ID = 0
 

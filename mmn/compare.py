@@ -9,7 +9,7 @@ holdout CVR AUC per conversion type, per display scenario, and their averages, a
 per-seed metrics as JSON, and a heatmap of MMN's CVR AUC gain over DNN per
 type x scenario when both were trained.
 
-CLI: ``python -m training.compare --day D --kinds mmn,dnn,star [--seeds 1,2,3]
+CLI: ``python -m mmn.compare --day D --kinds mmn,dnn,star [--seeds 1,2,3]
 [--experiment NAME] [--config PATH] [--set section.key=value ...]``.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmn.config import PipelineConfig, add_config_arguments, load_config
+from core.config import PipelineConfig, add_config_arguments, load_config
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.compare",
+        prog="python -m mmn.compare",
         description="Train MMN and baselines on one day; log a paper-style CVR AUC table to MLflow.")
     parser.add_argument("--day", required=True, help="the day to train for and hold out (YYYY-MM-DD)")
     parser.add_argument("--kinds", required=True, help="comma-separated model kinds, e.g. mmn,dnn,star")

@@ -1,0 +1,1 @@
+"""Serving and registry: the promotion gate, MLflow aliases, the pyfunc model, plots."""

@@ -1,0 +1,1 @@
+"""Log simulation: the raw-log generator and synthetic samples for tests and benchmarks."""
