@@ -149,6 +149,7 @@ class Model:
     alpha: float
     dynamic_weight: bool
     domain_params: str
+    cvr_loss_weight: float = 0.0  # direct CVR loss on clicked rows, beside the CTCVR one
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Training:
     device: str
     initial_accumulator: float = 0.0
     domain_lr_scale: float = 1.0
+    domain_weight_decay: float = 0.0  # L2 on the domain-specific parameters only
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,15 @@ class Gate:
     floor: float
     min_domain_conversions: int
     domain_drop_tolerance: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How holdout metrics are summarized (the gate reads one of them by name)."""
+
+    min_domain_conversions: int = 50  # a domain enters the well-observed average from here
+    bootstrap_samples: int = 200  # resamples of each domain's holdout rows for intervals
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -238,6 +249,7 @@ class PipelineConfig:
     model: Model
     training: Training
     gate: Gate
+    evaluation: Evaluation
     validation: Validation
     mlflow: Mlflow
     spark: Spark
@@ -378,7 +390,9 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         model[key] = tuple(int(v) for v in model.get(key, ()))
 
     def section(cls: type, name: str) -> Any:
-        return _dataclass_from(cls, _section(data, name), name, from_bundle)
+        # A bundle older than a whole section takes that section's defaults.
+        values = data.get(name, {}) if from_bundle and name not in data else _section(data, name)
+        return _dataclass_from(cls, values, name, from_bundle)
 
     cfg = PipelineConfig(
         paths=Paths(**{k: _resolve(v) for k, v in paths.items()}),
@@ -394,6 +408,7 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         model=_dataclass_from(Model, model, "model", from_bundle),
         training=section(Training, "training"),
         gate=section(Gate, "gate"),
+        evaluation=section(Evaluation, "evaluation"),
         validation=section(Validation, "validation"),
         mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow", from_bundle),
         spark=section(Spark, "spark"),

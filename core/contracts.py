@@ -41,3 +41,15 @@ def request_fields(cfg: PipelineConfig) -> list[str]:
 def sample_columns(cfg: PipelineConfig) -> list[str]:
     """Every column of the samples dataset the loader reads: features, domains, labels."""
     return [*feature_columns(cfg), *DOMAIN_COLUMNS, *LABEL_COLUMNS]
+
+
+TS = "ts"  # the impression's time (UTC)
+
+
+def sample_id_column(cfg: PipelineConfig) -> str:
+    """The samples' id column as the Spark job writes it: the impressions log's id field.
+
+    Equal to :data:`ID_COLUMN` under the shipped config; readers that hold a config
+    should use this, since ``logs.impressions.id_field`` may name another field.
+    """
+    return cfg.logs["impressions"].id_field

@@ -5,7 +5,7 @@ tests/test_model_zoo.py checks the zoo registers exactly these.
 """
 
 MODEL_KINDS: tuple[str, ...] = (
-    "mmn", "mmn_common_only", "mmn_no_dynamic_weight", "dnn",
+    "mmn", "mmn_paper", "mmn_common_only", "mmn_no_dynamic_weight", "dnn",
     # Baselines of the MMN paper's comparison (mmn/compare.py).
     "esmm", "mmoe_type", "mmoe_scen", "ple_type", "ple_scen", "mt_fwfm", "star",
     "dpg_full", "dpg_rowcol", "dpg_row", "dpg_col", "mi_dpg",

@@ -407,7 +407,9 @@ def _score(cfg: PipelineConfig, serving: Any, day: str, cold_start: bool) -> tup
     if predictions.empty:
         raise ValueError(f"the holdout of {day} has no rows")
     types, scenarios = serving.bundle.types, serving.bundle.scenarios
-    return metrics_from_predictions(predictions, types, scenarios), per_domain_table(predictions, types, scenarios)
+    metrics = metrics_from_predictions(predictions, types, scenarios,
+                                       cfg.evaluation.min_domain_conversions)
+    return metrics, per_domain_table(predictions, types, scenarios)
 
 
 def _incompatibility(cfg: PipelineConfig, champion: Any, types: list[str], scenarios: list[str]) -> str | None:

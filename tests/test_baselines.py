@@ -68,7 +68,7 @@ def _loss(model, feats, types, scenarios, click, conversion) -> tuple[torch.Tens
 
 def test_zoo_registers_model_kinds_with_honest_param_sets(cfg):
     assert set(available_models()) == set(MODEL_KINDS)
-    assert MODEL_KINDS[:4] == ("mmn", "mmn_common_only", "mmn_no_dynamic_weight", "dnn")
+    assert MODEL_KINDS[:5] == ("mmn", "mmn_paper", "mmn_common_only", "mmn_no_dynamic_weight", "dnn")
     for kind, n_sets in EXPECTED_SETS.items():
         model = _model(cfg, kind)
         assert model.kind == kind and model.n_domain_param_sets == n_sets, kind
@@ -339,3 +339,23 @@ def test_trainer_adds_the_auxiliary_loss(tmp_path, monkeypatch):
                    log_every_steps=1)
     assert result.steps == 3 and len(calls) == 3 and all(c != 0.0 for c in calls)
     assert len(result.history) == 3
+
+
+def test_mmn_paper_pins_the_papers_loss_and_optimizer_whatever_the_defaults(cfg):
+    from training.models import loss_config, training_config
+    from training.trainer import parameter_groups
+
+    changed = cfg.with_overrides({"model.dynamic_weight": False, "model.cvr_loss_weight": 1.0,
+                                  "training.optimizer": "adam", "training.domain_lr_scale": 0.1,
+                                  "training.domain_weight_decay": 0.01})
+    paper = build_model(changed, N_TYPES, N_SCENARIOS, "mmn_paper")
+    assert paper.n_domain_param_sets == N_TYPES + N_SCENARIOS + 1
+    loss = loss_config(changed, paper)
+    assert loss.dynamic_weight is True and loss.cvr_loss_weight == 0.0 and loss.alpha == 1.0
+    training = training_config(changed, paper)
+    assert training.optimizer == "adagrad" and training.domain_lr_scale == 1.0
+    assert len(parameter_groups(changed, paper)) == 1  # deltas trained like shared weights
+    default = build_model(changed, N_TYPES, N_SCENARIOS, "mmn")
+    groups = parameter_groups(changed, default)
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.01
+    assert groups[1]["lr"] == changed.training.learning_rate * 0.1

@@ -82,3 +82,20 @@ def test_nan_prediction_gives_nan_loss_not_an_exception():
     out = mmn_loss(p, p, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]),
                    torch.tensor([0, 0]), torch.tensor([0, 0]), alpha=1.0, dynamic_weight=True)
     assert torch.isnan(out.total)
+
+
+def test_direct_cvr_term_is_the_clicked_rows_mean_bce():
+    p_ctr = torch.tensor([0.5, 0.2, 0.4, 0.1])
+    p_cvr = torch.tensor([0.3, 0.6, 0.8, 0.5])
+    click = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    conversion = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    ids = torch.zeros(4, dtype=torch.long)
+    plain = mmn_loss(p_ctr, p_cvr, click, conversion, ids, ids, alpha=1.0, dynamic_weight=False)
+    direct = mmn_loss(p_ctr, p_cvr, click, conversion, ids, ids, alpha=1.0, dynamic_weight=False,
+                      cvr_weight=0.5)
+    expected = (-math.log(0.3) - math.log(1 - 0.8)) / 2  # clicked rows 0 and 2 only
+    assert direct.total.item() == pytest.approx(plain.total.item() + 0.5 * expected, rel=1e-5)
+    assert direct.ctcvr.item() == pytest.approx(plain.ctcvr.item())
+    no_clicks = mmn_loss(p_ctr, p_cvr, torch.zeros(4), conversion * 0, ids, ids, alpha=1.0,
+                         dynamic_weight=False, cvr_weight=0.5)
+    assert torch.isfinite(no_clicks.total)

@@ -66,14 +66,27 @@ def mmn_loss(
     *,
     alpha: float,
     dynamic_weight: bool,
+    cvr_weight: float = 0.0,
 ) -> LossOutput:
-    """BCE(p_ctr, click) + alpha * mean_i w_i * BCE(p_ctr * p_cvr, conversion)."""
+    """BCE(p_ctr, click) + alpha * mean_i w_i * BCE(p_ctr * p_cvr, conversion)
+    [+ cvr_weight * mean over clicked rows of BCE(p_cvr, conversion)].
+
+    The optional direct term gives the CVR tower the gradient the CTCVR product damps by
+    p_ctr (a few percent): on clicked rows the conversion label is exactly CVR's label.
+    The CTCVR term still covers the entire space, so p_cvr stays defined on unclicked rows.
+    """
     ctr = bce(p_ctr, click.to(p_ctr.dtype)).mean()
     per_row = bce(p_ctr * p_cvr, conversion.to(p_ctr.dtype))
     if dynamic_weight:
         per_row = per_row * domain_weights(type_id, scenario_id, per_row.dtype)
     ctcvr = per_row.mean()
-    return LossOutput(total=ctr + alpha * ctcvr, ctr=ctr, ctcvr=ctcvr)
+    total = ctr + alpha * ctcvr
+    if cvr_weight:
+        clicked = click > 0
+        # Mean over clicked rows, written as a masked sum so a batch without clicks adds 0.
+        direct = (bce(p_cvr, conversion.to(p_cvr.dtype)) * clicked).sum() / clicked.sum().clamp(min=1)
+        total = total + cvr_weight * direct
+    return LossOutput(total=total, ctr=ctr, ctcvr=ctcvr)
 
 
 def loss_from_config(model_cfg: Model, p_ctr: torch.Tensor, p_cvr: torch.Tensor,
@@ -82,4 +95,5 @@ def loss_from_config(model_cfg: Model, p_ctr: torch.Tensor, p_cvr: torch.Tensor,
     return mmn_loss(
         p_ctr, p_cvr, batch["click"], batch["conversion"], batch["type_id"], batch["scenario_id"],
         alpha=float(model_cfg.alpha), dynamic_weight=bool(model_cfg.dynamic_weight),
+        cvr_weight=float(model_cfg.cvr_loss_weight),
     )

@@ -1,4 +1,4 @@
-"""Offline evaluation: exact AUC / logloss, overall and per domain, plus the oracle.
+"""Offline evaluation: AUC (scikit-learn's) / logloss, overall and per domain, plus the oracle.
 
 An AUC is only defined when both label classes are present; otherwise it is None (never
 a fake 0.5), and averages skip undefined members. CVR metrics use clicked rows (the
@@ -16,16 +16,23 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from core.config import PipelineConfig
 from training.data import SampleStream, batch_to_device
 
 LOG_EPS = 1e-7
+# Per-domain CVR AUC averaged over domains with >= evaluation.min_domain_conversions
+# holdout conversions: the average that is not dominated by noise from near-empty domains.
+OBSERVED_AVG = "cvr_auc_domain_avg_observed"
 
 
 def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
-    """Exact ROC AUC (Mann-Whitney with average ranks, ties count one half); None if one class."""
+    """ROC AUC by scikit-learn's ``roc_auc_score`` (exact, ties count one half); None if one class.
+
+    scikit-learn's is the reference implementation everyone can check against; the None
+    contract (never a fake 0.5, never sklearn's exception) and the input checks stay ours."""
     y = np.asarray(labels).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
@@ -33,17 +40,9 @@ def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
     n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == y.size:
         return None
-    order = np.argsort(s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(s_sorted)) + 1])
-    ends = np.concatenate([starts[1:], [s.size]])
-    mean_rank = (starts + ends + 1) / 2.0  # 1-based ranks start+1 .. end, averaged
-    pos_in_group = np.add.reduceat(y_sorted.astype(np.int64), starts)
-    rank_sum = float(np.dot(pos_in_group, mean_rank))
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return float(roc_auc_score(y, s))
 
 
 def logloss(labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray,
@@ -149,8 +148,10 @@ def _names(ids: np.ndarray, vocab: Sequence[str], what: str) -> list[str]:
 
 
 def _cvr_group(frame: pd.DataFrame, score: str, prefix: str, types: Sequence[str],
-               scenarios: Sequence[str]) -> dict[str, float | None]:
-    """CVR AUC overall, per type, per scenario, per domain, and their averages."""
+               scenarios: Sequence[str], min_domain_conversions: int | None = None,
+               ) -> dict[str, float | None]:
+    """CVR AUC overall, per type, per scenario, per domain, and their averages; with
+    ``min_domain_conversions`` also the well-observed per-domain average (OBSERVED_AVG)."""
     clicked = frame[frame["click"] > 0]
     y, p = clicked["conversion"].to_numpy(), clicked[score].to_numpy()
     out: dict[str, float | None] = {f"{prefix}cvr_auc": auc(y, p),
@@ -169,7 +170,17 @@ def _cvr_group(frame: pd.DataFrame, score: str, prefix: str, types: Sequence[str
         domain_values.append(value)
     out[f"{prefix}cvr_auc_domain_avg"] = _mean_defined(domain_values)
     out[f"{prefix}n_domains_with_cvr_auc"] = float(sum(v is not None for v in domain_values))
+    if min_domain_conversions is not None:
+        observed = [value for (value, n) in zip(domain_values, _domain_conversions(clicked), strict=True)
+                    if n >= min_domain_conversions]
+        out[f"{prefix}{OBSERVED_AVG}"] = _mean_defined(observed)
+        out[f"{prefix}n_observed_domains"] = float(sum(v is not None for v in observed))
     return out
+
+
+def _domain_conversions(clicked: pd.DataFrame) -> list[int]:
+    """Holdout conversions per (type, scenario), in the groupby order _cvr_group uses."""
+    return [int(n) for n in clicked.groupby(["type_id", "scenario_id"], sort=True)["conversion"].sum()]
 
 
 def _counts(frame: pd.DataFrame, types: Sequence[str], scenarios: Sequence[str]) -> dict[str, float]:
@@ -197,9 +208,11 @@ def _counts(frame: pd.DataFrame, types: Sequence[str], scenarios: Sequence[str])
 
 
 def metrics_from_predictions(
-    predictions: pd.DataFrame, vocab_types: Sequence[str], vocab_scenarios: Sequence[str]
+    predictions: pd.DataFrame, vocab_types: Sequence[str], vocab_scenarios: Sequence[str],
+    min_domain_conversions: int | None = None,
 ) -> dict[str, float | None]:
-    """All evaluation metrics from :func:`predict_rows` output (see module docstring)."""
+    """All evaluation metrics from :func:`predict_rows` output (see module docstring);
+    ``min_domain_conversions`` (cfg.evaluation's) adds the well-observed domain average."""
     frame = predictions
     _names(frame["type_id"].to_numpy(), vocab_types, "type")
     _names(frame["scenario_id"].to_numpy(), vocab_scenarios, "scenario")
@@ -211,14 +224,14 @@ def metrics_from_predictions(
         "ctcvr_logloss": logloss(conv, frame["p_ctcvr"].to_numpy()),
     }
     out.update(_counts(frame, vocab_types, vocab_scenarios))
-    out.update(_cvr_group(frame, "p_cvr", "", vocab_types, vocab_scenarios))
+    out.update(_cvr_group(frame, "p_cvr", "", vocab_types, vocab_scenarios, min_domain_conversions))
     if "oracle_p_conversion" in frame:
-        out.update(_oracle_metrics(frame, vocab_types, vocab_scenarios))
+        out.update(_oracle_metrics(frame, vocab_types, vocab_scenarios, min_domain_conversions))
     return out
 
 
-def _oracle_metrics(frame: pd.DataFrame, types: Sequence[str],
-                    scenarios: Sequence[str]) -> dict[str, float | None]:
+def _oracle_metrics(frame: pd.DataFrame, types: Sequence[str], scenarios: Sequence[str],
+                    min_domain_conversions: int | None = None) -> dict[str, float | None]:
     known = frame[frame["oracle_p_conversion"].notna() & frame["oracle_p_click"].notna()]
     known = known.assign(oracle_p_ctcvr=known["oracle_p_click"] * known["oracle_p_conversion"])
     out: dict[str, float | None] = {
@@ -226,7 +239,8 @@ def _oracle_metrics(frame: pd.DataFrame, types: Sequence[str],
         "oracle_ctr_auc": auc(known["click"].to_numpy(), known["oracle_p_click"].to_numpy()),
         "oracle_ctcvr_auc": auc(known["conversion"].to_numpy(), known["oracle_p_ctcvr"].to_numpy()),
     }
-    out.update(_cvr_group(known, "oracle_p_conversion", "oracle_", types, scenarios))
+    out.update(_cvr_group(known, "oracle_p_conversion", "oracle_", types, scenarios,
+                          min_domain_conversions))
     return out
 
 
@@ -246,7 +260,8 @@ def evaluate(
                                batch_size=batch_size)
     if predictions.empty:
         raise ValueError(f"no rows to evaluate in days {list(days)} (split={split!r})")
-    return metrics_from_predictions(predictions, vocab_types, vocab_scenarios)
+    return metrics_from_predictions(predictions, vocab_types, vocab_scenarios,
+                                    cfg.evaluation.min_domain_conversions)
 
 
 def per_domain_table(

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from core.config import PipelineConfig, add_config_arguments, load_config
+from core.config import PipelineConfig, Training, add_config_arguments, load_config
 from core.vocab import load_vocab
 from training.data import (
     HASH_BUCKETS,
@@ -44,7 +44,7 @@ from training.data import (
 )
 from training.losses import LossOutput, loss_from_config
 from training.metrics import auc, logloss
-from training.models import CVRModel, build_model, check_capacity, loss_config
+from training.models import CVRModel, build_model, check_capacity, loss_config, training_config
 
 if TYPE_CHECKING:  # SSIM hook: training.ssim imports this module, so only for typing
     from training.ssim import SharedSet, SharedTraining
@@ -314,25 +314,29 @@ def parameter_groups(cfg: PipelineConfig, model: nn.Module) -> list[dict[str, An
     """The model's parameters for the optimizer: its domain-specific ones (if it names any)
     in their own group at ``training.domain_lr_scale`` times the learning rate."""
     domain = list(getattr(model, "domain_parameters", list)())
-    scale = cfg.training.domain_lr_scale
-    if not domain or scale == 1.0:
+    training = training_config(cfg, model)
+    scale, decay = training.domain_lr_scale, training.domain_weight_decay
+    if not domain or (scale == 1.0 and decay == 0.0):
         return [{"params": list(model.parameters())}]
     ids = {id(p) for p in domain}
     shared = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": shared}, {"params": domain, "lr": cfg.training.learning_rate * scale}]
+    return [{"params": shared},
+            {"params": domain, "lr": training.learning_rate * scale, "weight_decay": decay}]
 
 
 def make_optimizer(cfg: PipelineConfig, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
-                   device: torch.device) -> torch.optim.Optimizer:
+                   device: torch.device, training: Training | None = None) -> torch.optim.Optimizer:
     """Adagrad (the paper's) or Adam, fused where torch has a fused kernel for the device:
-    on CPU the fused step is ~4x faster than the per-tensor loop on the per-domain weights."""
-    lr = cfg.training.learning_rate
-    if cfg.training.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=cfg.training.initial_accumulator,
+    on CPU the fused step is ~4x faster than the per-tensor loop on the per-domain weights.
+    ``training`` (default ``cfg.training``) is the model kind's effective training section."""
+    training = training or cfg.training
+    lr = training.learning_rate
+    if training.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=training.initial_accumulator,
                                    fused=device.type == "cpu" or None)
-    if cfg.training.optimizer == "adam":
+    if training.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
-    raise ValueError(f"unknown optimizer {cfg.training.optimizer!r}")
+    raise ValueError(f"unknown optimizer {training.optimizer!r}")
 
 
 @dataclass
@@ -421,7 +425,7 @@ def train(
     if info.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = make_optimizer(cfg, parameter_groups(cfg, model), device)
+    optimizer = make_optimizer(cfg, parameter_groups(cfg, model), device, training_config(cfg, model))
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     fingerprint = _fingerprint(cfg, train_days, model.kind, split, holdout_fraction, n_types,

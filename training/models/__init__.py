@@ -18,6 +18,7 @@ from training.models.zoo import (
     check_capacity,
     loss_config,
     register_model,
+    training_config,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "check_capacity",
     "loss_config",
     "register_model",
+    "training_config",
 ]

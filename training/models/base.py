@@ -38,6 +38,7 @@ class CVRModel(nn.Module):
     def __init__(self, n_types: int, n_scenarios: int) -> None:
         super().__init__()
         self.loss_overrides: dict[str, Any] = {}
+        self.training_overrides: dict[str, Any] = {}
         if n_types < 1 or n_scenarios < 1:
             raise ValueError(f"need >= 1 type and scenario, got {n_types} x {n_scenarios}")
         self.n_types = int(n_types)

@@ -256,3 +256,17 @@ def _build_mmn_plain_loss(cfg: PipelineConfig, n_types: int, n_scenarios: int) -
 def _build_mmn_common(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
     """Ablation: the CVR tower keeps theta_shared alone (no type / scenario deltas)."""
     return MMN.from_config(cfg, n_types, n_scenarios, domain_params="common_only")
+
+
+# The MMN paper's configuration, whatever the pipeline's defaults become: CTR + CTCVR loss
+# with the N / N_c dynamic weight and no direct CVR term, Adagrad at 0.01, and the domain
+# deltas trained like every other parameter (docs/benchmarks.md measures its cost).
+PAPER_LOSS = {"alpha": 1.0, "dynamic_weight": True, "cvr_loss_weight": 0.0}
+PAPER_TRAINING = {"optimizer": "adagrad", "learning_rate": 0.01, "initial_accumulator": 0.0,
+                  "domain_lr_scale": 1.0, "domain_weight_decay": 0.0}
+
+
+@register_model("mmn_paper", loss_overrides=PAPER_LOSS, training_overrides=PAPER_TRAINING)
+def _build_mmn_paper(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
+    """MMN exactly as the paper trains it (full domain parameter sets)."""
+    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="full")

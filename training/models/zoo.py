@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from core.config import Model, PipelineConfig
+from core.config import Model, PipelineConfig, Training
 from training.models.base import CVRModel
 
 ModelFactory = Callable[[PipelineConfig, int, int], CVRModel]
@@ -16,17 +16,21 @@ ModelFactory = Callable[[PipelineConfig, int, int], CVRModel]
 class ZooEntry:
     factory: ModelFactory
     loss_overrides: Mapping[str, Any] = field(default_factory=dict)
+    training_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 MODEL_REGISTRY: dict[str, ZooEntry] = {}
 
 
 def register_model(kind: str, *, loss_overrides: Mapping[str, Any] | None = None,
+                   training_overrides: Mapping[str, Any] | None = None,
                    ) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator adding ``factory(cfg, n_types, n_scenarios)`` to the zoo under ``kind``.
 
     ``loss_overrides`` (keys of ``cfg.model``, e.g. ``dynamic_weight``) lets a kind be an
-    ablation of the training objective rather than of the architecture.
+    ablation of the training objective rather than of the architecture;
+    ``training_overrides`` (keys of ``cfg.training``) pins optimizer settings the same way
+    (e.g. the paper's configuration whatever the pipeline's defaults are).
     """
 
     def add(factory: ModelFactory) -> ModelFactory:
@@ -35,7 +39,11 @@ def register_model(kind: str, *, loss_overrides: Mapping[str, Any] | None = None
         bad = set(loss_overrides or {}) - {f.name for f in fields(Model)}
         if bad:
             raise ValueError(f"loss_overrides of {kind!r} name unknown cfg.model keys {sorted(bad)}")
-        MODEL_REGISTRY[kind] = ZooEntry(factory, dict(loss_overrides or {}))
+        bad = set(training_overrides or {}) - {f.name for f in fields(Training)}
+        if bad:
+            raise ValueError(f"training_overrides of {kind!r} name unknown cfg.training keys {sorted(bad)}")
+        MODEL_REGISTRY[kind] = ZooEntry(factory, dict(loss_overrides or {}),
+                                        dict(training_overrides or {}))
         return factory
 
     return add
@@ -70,9 +78,15 @@ def build_model(
     model = entry.factory(cfg, int(n_types), int(n_scenarios))
     model.kind = kind
     model.loss_overrides = dict(entry.loss_overrides)
+    model.training_overrides = dict(entry.training_overrides)
     return model
 
 
 def loss_config(cfg: PipelineConfig, model: CVRModel) -> Model:
     """``cfg.model`` with the model kind's loss overrides applied (what the trainer uses)."""
     return replace(cfg.model, **getattr(model, "loss_overrides", {}))
+
+
+def training_config(cfg: PipelineConfig, model: CVRModel) -> Training:
+    """``cfg.training`` with the model kind's training overrides applied."""
+    return replace(cfg.training, **getattr(model, "training_overrides", {}))
