@@ -54,6 +54,26 @@ def test_auc_edge_cases():
         auc([1, 0], [float("nan"), 0.1])
 
 
+def test_auc_is_scikit_learns(monkeypatch):
+    """One reference AUC (issue 18): the values come from sklearn's roc_auc_score, whose
+    result is returned as a plain float; the one-class contract stays ours (None)."""
+    import sklearn.metrics
+
+    import training.metrics as metrics
+
+    calls = []
+
+    def spy(y, s):
+        calls.append(len(y))
+        return sklearn.metrics.roc_auc_score(y, s)
+
+    monkeypatch.setattr(metrics, "roc_auc_score", spy, raising=False)
+    value = metrics.auc([1, 0, 1, 0, 1], [0.9, 0.2, 0.4, 0.4, 0.1])
+    assert calls == [5]
+    assert type(value) is float and value == pytest.approx(brute_force_auc([1, 0, 1, 0, 1], [0.9, 0.2, 0.4, 0.4, 0.1]))
+    assert metrics.auc([1, 1], [0.2, 0.3]) is None and calls == [5]
+
+
 def test_logloss():
     assert logloss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
     assert logloss([], []) is None
