@@ -18,17 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import PipelineConfig, load_config
+from core.contracts import CLICK, CONVERSION, SCENARIO_ID, TYPE_ID
 from core.vocab import Vocabulary, save_vocab
 from validation.baseline import TrailingStats, load_domain_vocab, trailing_days
 from validation.runner import ValidationFailed, main, validate_day, validate_or_raise
-from validation.suite import (
-    CLICK,
-    CONVERSION,
-    SCENARIO_ID,
-    TYPE_ID,
-    build_suite,
-    samples_contract,
-)
+from validation.suite import build_suite, samples_contract
 
 DAY = "2024-01-08"
 TYPES = ["app_install", "purchase", "signup", "lead"]

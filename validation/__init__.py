@@ -1,13 +1,7 @@
 """Great Expectations guard for the daily samples partition (errors stop training)."""
 
-from validation.runner import (
-    FailedCheck,
-    ValidationFailed,
-    ValidationReport,
-    main,
-    validate_day,
-    validate_or_raise,
-)
+from validation.results import FailedCheck, ValidationFailed, ValidationReport
+from validation.runner import main, validate_day, validate_or_raise
 from validation.suite import build_manifest_suite, build_suite
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The samples expectation suite, generated from the pipeline config.
 
 Every column name, id range and threshold comes from ``cfg`` (conf/pipeline.yaml) or from
-the samples contract in docs/contracts.md, so a new feature field or domain value is
-covered without code changes. Each expectation carries a stable check id in
+the samples contract in :mod:`core.contracts` (docs/contracts.md), so a new feature field or
+domain value is covered without code changes. Each expectation carries a stable check id in
 ``meta["check"]``; :func:`build_suite` returns a map check id -> "error" | "warning".
 Errors stop training; warnings are logged. GX's own ``severity`` is set to match
 (critical / warning) so it shows in stored results.
@@ -19,6 +19,7 @@ import pandas as pd
 from great_expectations.expectations.row_conditions import Column
 
 from core.config import PipelineConfig
+from core.contracts import CLICK, CONVERSION, SCENARIO_ID, TS, TYPE_ID, feature_columns, sample_id_column
 from core.vocab import Vocabulary
 from validation.baseline import (
     SCENARIO_AXIS,
@@ -28,9 +29,6 @@ from validation.baseline import (
     TrailingStats,
     day_stats,
 )
-
-# Samples contract (docs/contracts.md): fixed column names besides config-driven ones.
-TS, TYPE_ID, SCENARIO_ID, CLICK, CONVERSION = "ts", "type_id", "scenario_id", "click", "conversion"
 
 ERROR, WARNING = "error", "warning"
 _GX_SEVERITY = {ERROR: "critical", WARNING: "warning"}
@@ -50,14 +48,14 @@ Severities = dict[str, str]
 def samples_contract(cfg: PipelineConfig) -> dict[str, str]:
     """Column -> contract type of the samples dataset, in contract order."""
     contract = {
-        cfg.logs["impressions"].id_field: "string",
+        sample_id_column(cfg): "string",
         TS: "timestamp",
         cfg.domains.type_field: "string",
         cfg.domains.scenario_field: "string",
         TYPE_ID: "int32",
         SCENARIO_ID: "int32",
     }
-    contract.update({f.column: "int32" for f in cfg.features})
+    contract.update({column: "int32" for column in feature_columns(cfg)})
     contract.update({CLICK: "int32", CONVERSION: "int32"})
     return contract
 
@@ -142,7 +140,7 @@ def _schema_checks(b: _Builder, cfg: PipelineConfig, engine: str) -> None:
 
 def _row_checks(b: _Builder, cfg: PipelineConfig) -> None:
     """Non-null columns, unique ids, binary labels, conversion => click, feature id ranges."""
-    id_field = cfg.logs["impressions"].id_field
+    id_field = sample_id_column(cfg)
     for column in samples_contract(cfg):
         b.add(
             f"not_null:{column}", ERROR, gx.expectations.ExpectColumnValuesToNotBeNull,
