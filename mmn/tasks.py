@@ -14,10 +14,11 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from core.config import REPO_ROOT, PipelineConfig
+from mmn.gate import gate_day
+from mmn.tracking import git_commit, setup_mlflow, vocab_lists
 
 log = logging.getLogger(__name__)
 
@@ -152,47 +153,6 @@ def validate_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
         "warnings": len(report.warnings),
         "data_docs": str(report.data_docs_index),
     }
-
-
-# ---------------------------------------------------------------- MLflow helpers
-
-
-def setup_mlflow(cfg: PipelineConfig, experiment: str | None = None) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists."""
-    import mlflow
-
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
-    name = experiment or cfg.mlflow.experiment
-    if os.environ.get("MLFLOW_RUN_ID"):
-        # Under `mlflow run`, the project's run already fixes the experiment.
-        return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    found = mlflow.get_experiment_by_name(name)
-    if found is None:
-        cfg.mlflow.artifact_root.mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(name, artifact_location=(cfg.mlflow.artifact_root / name).as_uri())
-    else:
-        exp_id = found.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def vocab_lists(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
-    from core.vocab import load_vocab
-
-    types = load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values()
-    scenarios = load_vocab(cfg.paths.vocab_dir, cfg.domains.scenario_field).values()
-    if not types or not scenarios:
-        raise RuntimeError(f"domain vocabularies under {cfg.paths.vocab_dir} are empty: build a day first")
-    return types, scenarios
 
 
 def example_records(cfg: PipelineConfig, day: str, types: list[str], scenarios: list[str], n: int = 5) -> list[dict]:
@@ -426,74 +386,6 @@ def _incompatibility(cfg: PipelineConfig, champion: Any, types: list[str], scena
 def _loggable(metrics: dict[str, Any]) -> dict[str, Any]:
     """Headline and per-type/scenario metrics; per-domain counts go to the table artifact."""
     return {k: v for k, v in metrics.items() if "_domain/" not in k}
-
-
-# ---------------------------------------------------------------- gate and promote
-
-
-def gate_day(
-    cfg: PipelineConfig,
-    day: str,
-    run_id: str,
-    evaluation: dict[str, Any],
-    *,
-    dry_run: bool = False,
-    min_delta: float | None = None,
-    floor: float | None = None,
-) -> dict[str, Any]:
-    """Apply the holdout gate; register the version and move ``champion`` when it passes."""
-    import dataclasses
-    import tempfile
-
-    import mlflow
-
-    from serving.registry import client_for, decide, promote, record_decision, register, write_gate_report
-
-    gate = dataclasses.replace(
-        cfg.gate,
-        min_delta=cfg.gate.min_delta if min_delta is None else float(min_delta),
-        floor=cfg.gate.floor if floor is None else float(floor),
-    )
-    decision = decide(
-        gate, evaluation["challenger"], evaluation["champion"], evaluation["conversions"],
-        champion_version=evaluation["champion_version"],
-    )
-    setup_mlflow(cfg)
-    client = client_for(cfg)
-    name = cfg.mlflow.registered_model
-    version = None
-    with mlflow.start_run(run_id=run_id):
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in write_gate_report(decision, Path(tmp)):
-                mlflow.log_artifact(str(path), artifact_path="gate")
-        mlflow.set_tags({
-            "gate.decision": ("promoted" if decision.promote else "rejected") if not dry_run else "dry_run",
-            "gate.reason": decision.reason[:4900],
-        })
-    if not dry_run:
-        model_uri = client.get_run(run_id).data.tags["model_uri"]
-        version = register(client, name, model_uri, run_id, {"data_date": day, "run_id": run_id})
-        record_decision(client, name, version, decision)
-        if decision.promote:
-            promote(client, name, version)
-    outcome = "dry_run" if dry_run else ("promoted" if decision.promote else "rejected")
-    log.info("gate for %s: %s (%s)", day, outcome, decision.reason)
-    summary = {
-        "day": day,
-        "decision": outcome,
-        "would_promote": decision.promote,
-        "reason": decision.reason,
-        "version": version,
-        "metric": decision.metric,
-        "challenger": decision.challenger_score,
-        "champion": decision.champion_score,
-        "champion_version": decision.champion_version,
-        "run_id": run_id,
-    }
-    summary_path = cfg.paths.reports_root / "gate" / f"{day}.json"
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=1, default=str))
-    return summary
 
 
 # ---------------------------------------------------------------- without Airflow
