@@ -7,12 +7,20 @@ hashed by :mod:`core.hashing` (the pure-Python twin of the Spark job's expressio
 domain is looked up in the shipped vocabulary, and only that domain's tower runs.
 
 Bad records never get a silent answer: each output row carries ``error`` (null when the
-record was scored) and NaN probabilities when it could not be scored.
+record was scored; else every problem of the record, ``; ``-separated) and null
+probabilities when it could not be scored. N records in give N rows out, always. The
+record contract is training's: a field the raw-log contract requires (``logs.impressions.
+required``) that is missing or empty fails the record, as the Spark job quarantines it
+(``missing_required_field``); a value of the wrong JSON type fails it (``wrong_type``);
+numbers must be finite. A request holds at most ``serving.max_request_records`` records.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,11 +37,61 @@ from core.contracts import request_fields
 from core.hashing import feature_id, is_missing
 
 OUTPUT_COLUMNS = ["p_ctr", "p_cvr", "p_ctcvr", "error"]
+PROBABILITY_COLUMNS = ["p_ctr", "p_cvr", "p_ctcvr"]
 BUNDLE_FORMAT = 1
+# Used when neither the environment nor the model's config names a limit (a bundle written
+# before the serving section existed).
+DEFAULT_MAX_REQUEST_RECORDS = 50_000
+MAX_RECORDS_ENV = "MMN__SERVING__MAX_REQUEST_RECORDS"
 
 
 class RecordError(ValueError):
     """One request record cannot be scored; the message says why."""
+
+
+class RequestTooLarge(ValueError):
+    """A request holds more records than ``serving.max_request_records``."""
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr of a bad value, cut short: an error message must not echo a megabyte back."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's str-conversion digit limit
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def numeric_problem(name: str, value: Any) -> tuple[float | None, str | None]:
+    """(the value as a float, None) for a usable number or a missing one (None, None);
+    (None, why) for a value training could not have seen as a number."""
+    if is_missing(value):
+        return None, None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None, f"field {name!r} must be a number, got {type(value).__name__} {_short(value)}"
+    try:
+        number = float(value)
+    except OverflowError:
+        return None, f"field {name!r} is out of range: {_short(value)}"
+    if not math.isfinite(number):
+        return None, f"field {name!r} must be a finite number, got {_short(value)}"
+    return number, None
+
+
+def max_request_records(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> int:
+    """The request size limit: $MMN__SERVING__MAX_REQUEST_RECORDS (set by `mmn serve` from the
+    effective config), else the model's own config, else the built-in default."""
+    env = os.environ if environ is None else environ
+    raw = env.get(MAX_RECORDS_ENV)
+    if raw is None:
+        raw = (config.get("serving") or {}).get("max_request_records", DEFAULT_MAX_REQUEST_RECORDS)
+    try:
+        limit = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"serving.max_request_records must be a positive integer, got {raw!r}") from None
+    if limit < 1:
+        raise ValueError(f"serving.max_request_records must be a positive integer, got {raw!r}")
+    return limit
 
 
 @dataclass
@@ -67,6 +125,11 @@ class ServingModel:
         self.model = model.eval()
         self.type_ids = {v: i for i, v in enumerate(bundle.types)}
         self.scenario_ids = {v: i for i, v in enumerate(bundle.scenarios)}
+        # Feature fields the raw-log contract requires (user_id, ad_id): training quarantines
+        # an impression without them, so serving refuses to score one.
+        required = self.cfg.logs["impressions"].required
+        self.required_features = {f.name for f in self.cfg.features if f.name in required}
+        self.max_request_records = max_request_records(bundle.config)
 
     @classmethod
     def load(cls, bundle_path: Path, weights_path: Path) -> ServingModel:
@@ -79,31 +142,45 @@ class ServingModel:
         return cls(bundle, model)
 
     def encode(self, record: Mapping[str, Any]) -> tuple[list[int], int, int]:
-        """Hash one raw record exactly as the Spark job does; RecordError when it can't."""
+        """Hash one raw record exactly as the Spark job does; RecordError naming every
+        problem of the record when it can't be scored."""
         domains = self.cfg.domains
-        type_id = self._domain_id(record, domains.type_field, self.type_ids)
-        scenario_id = self._domain_id(record, domains.scenario_field, self.scenario_ids)
+        problems: list[str] = []
+        type_id = self._domain_id(record, domains.type_field, self.type_ids, problems)
+        scenario_id = self._domain_id(record, domains.scenario_field, self.scenario_ids, problems)
         ids = []
         for field in self.cfg.features:
             value = record.get(field.name)
-            if field.kind == "categorical" and not is_missing(value) and not isinstance(value, str):
-                raise RecordError(f"field {field.name!r} must be a string, got {value!r}")
-            try:
-                ids.append(feature_id(field, value, self.cfg.hashing.seed))
-            except TypeError as exc:
-                raise RecordError(str(exc)) from None
+            if is_missing(value):
+                if field.name in self.required_features:
+                    problems.append(f"missing required field {field.name!r}")
+                value = None
+            elif field.kind == "categorical":
+                if not isinstance(value, str):
+                    problems.append(f"field {field.name!r} must be a string, got {_short(value)}")
+                    continue
+            else:
+                value, why = numeric_problem(field.name, value)
+                if why:
+                    problems.append(why)
+                    continue
+            ids.append(feature_id(field, value, self.cfg.hashing.seed))
+        if problems:
+            raise RecordError("; ".join(problems))
         return ids, type_id, scenario_id
 
     @staticmethod
-    def _domain_id(record: Mapping[str, Any], name: str, ids: Mapping[str, int]) -> int:
+    def _domain_id(record: Mapping[str, Any], name: str, ids: Mapping[str, int], problems: list[str]) -> int:
         value = record.get(name)
         if is_missing(value):
-            raise RecordError(f"missing required field {name!r}")
-        if not isinstance(value, str):
-            raise RecordError(f"field {name!r} must be a string, got {value!r}")
-        if value not in ids:
-            raise RecordError(f"unknown {name} {value!r}: not in the model's vocabulary")
-        return ids[value]
+            problems.append(f"missing required field {name!r}")
+        elif not isinstance(value, str):
+            problems.append(f"field {name!r} must be a string, got {_short(value)}")
+        elif value not in ids:
+            problems.append(f"unknown {name} {_short(value)}: not in the model's vocabulary")
+        else:
+            return ids[value]
+        return -1
 
     @torch.no_grad()
     def predict_records(self, records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -130,6 +207,17 @@ class ServingModel:
                              "error": pd.Series(errors, dtype=object)})
 
 
+def strict_json_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The predictions with null (None) where a probability is undefined: MLflow's JSON
+    encoder writes a float NaN as a bare ``NaN``, which strict JSON parsers reject."""
+    out = frame.copy()
+    for column in PROBABILITY_COLUMNS:
+        values = out[column].to_numpy(dtype=float)
+        out[column] = pd.Series([None if math.isnan(v) else float(v) for v in values],
+                                index=out.index, dtype=object)
+    return out
+
+
 def _records_from(model_input: Any) -> list[dict[str, Any]]:
     if isinstance(model_input, pd.DataFrame):
         # to_dict gives native Python values; NaN stays NaN (encode treats it as missing),
@@ -154,7 +242,17 @@ try:  # mlflow is a training-time dependency; keep this module importable withou
             )
 
         def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
-            return self.serving.predict_records(_records_from(model_input))
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            records = _records_from(model_input)
+            limit = self.serving.max_request_records
+            if len(records) > limit:  # HTTP 400 with this message from the scoring server
+                raise MlflowException(
+                    f"request holds {len(records)} records; the limit is {limit} "
+                    "(serving.max_request_records): split it into smaller requests",
+                    error_code=INVALID_PARAMETER_VALUE)
+            return strict_json_frame(self.serving.predict_records(records))
 
 except ImportError:  # pragma: no cover - serving without mlflow installed
     CVRPyfunc = None  # type: ignore[assignment,misc]
@@ -178,15 +276,16 @@ def log_serving_model(
     name: str = "model",
 ) -> Any:
     """Log the pyfunc (weights, bundle, code, signature, input example) to the active run."""
-    from mlflow.models import infer_signature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.models import ModelSignature, infer_signature
 
-    # AnyType: MLflow's own enforcement would fail a whole request on one badly typed value
-    # (even a JSON int in a double column); predict_records checks types per record instead.
-    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in input_columns(cfg)])
+    # Outputs only, no input schema: MLflow's enforcement of one would fail a whole request on
+    # one badly typed value (even a JSON int in a double column) and turn a request naming none
+    # of the schema's fields into an empty frame (N records in, 0 rows out). predict_records
+    # checks every record against training's contract instead; the input example shows the
+    # fields (input_columns).
     serving = ServingModel(bundle, model)
-    outputs = infer_signature(input_example, serving.predict_records(_records_from(input_example)))
-    signature = type(outputs)(inputs=inputs, outputs=outputs.outputs)
+    outputs = infer_signature(input_example, serving.predict_records(_records_from(input_example))).outputs
+    signature = ModelSignature(inputs=None, outputs=outputs)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         bundle_path = Path(tmp) / "bundle.json"
