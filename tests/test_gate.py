@@ -15,9 +15,11 @@ from serving.registry import (
     alias_version,
     decide,
     promote,
+    recheck,
     record_decision,
     register,
     rollback,
+    settle,
     write_gate_report,
 )
 
@@ -109,3 +111,33 @@ def test_rollback_without_previous_is_a_clear_error(registry):
     promote(client, "m", v1)
     with pytest.raises(RuntimeError, match="no 'previous'"):
         rollback(client, "m")
+
+
+def test_recheck_refuses_a_promotion_compared_against_another_champion():
+    decision = decide(GATE, metrics(0.72), metrics(0.70), CONVERSIONS, champion_version="1")
+    stale = recheck(decision, "2")
+    assert not stale.promote and stale.stale and stale.label == "refused"
+    assert "compared against v1, the champion is now v2" in stale.reason
+    assert "REFUSED" in stale.to_markdown()
+    first = recheck(decide(GATE, metrics(0.65), None, CONVERSIONS), "4")
+    assert not first.promote and "compared against no champion" in first.reason
+    current = recheck(decision, "1")
+    assert current.promote and not current.stale and current.champion_at_move == "1"
+
+
+def test_recheck_leaves_a_rejection_a_rejection():
+    rejected = decide(GATE, metrics(0.60), metrics(0.70), CONVERSIONS, champion_version="1")
+    checked = recheck(rejected, "2")
+    assert not checked.promote and checked.label == "rejected" and checked.reason == rejected.reason
+    assert checked.champion_at_move == "2"
+
+
+def test_settle_moves_the_alias_only_over_the_compared_champion(registry):
+    client, (v1, v2, v3) = registry
+    promote(client, "m", v1)
+    compared_v1 = decide(GATE, metrics(0.72), metrics(0.70), CONVERSIONS, champion_version=v1)
+    assert settle(client, "m", v2, compared_v1).promote
+    assert settle(client, "m", v3, compared_v1).label == "refused"
+    assert alias_version(client, "m", CHAMPION) == v2
+    tags = client.get_model_version("m", v3).tags
+    assert tags["status"] == "refused" and tags["gate.champion_version_at_move"] == v2
