@@ -1,6 +1,8 @@
 # Project image for the scaled-out deployment: Airflow services, the MLflow server, the Spark
 # master/worker (pyspark's bundled Spark, so driver and cluster versions always match) and
-# torchrun training all run this one image.
+# torchrun training all run this one image. .dockerignore keeps .env, data/, .airflow/ and
+# .venv/ out of `COPY . .`; secrets reach the containers only through the environment.
+# /opt/airflow (AIRFLOW_HOME) is writable by group 0, the group compose runs Airflow with.
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
@@ -16,5 +18,6 @@ COPY requirements.lock pyproject.toml README.md ./
 RUN pip install --no-cache-dir -r requirements.lock psycopg2-binary==2.9.10
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e . \
- && ln -s "$(python -c 'import pyspark, os; print(os.path.dirname(pyspark.__file__))')" /opt/spark
+ && ln -s "$(python -c 'import pyspark, os; print(os.path.dirname(pyspark.__file__))')" /opt/spark \
+ && mkdir -p /opt/airflow && chgrp 0 /opt/airflow && chmod 0770 /opt/airflow
 ENV SPARK_HOME=/opt/spark PATH=/opt/spark/bin:$PATH

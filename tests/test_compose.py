@@ -1,9 +1,11 @@
 """The scale-out deployment, checked by a real Compose implementation (no engine needed).
 
 `docker-compose config` (Compose 1.29 from Debian's packages; `.ci/run` installs it) parses,
-validates and resolves the file with `.env`: anchors, variable substitution, build
-contexts, depends_on conditions and volume names. The tests then read the resolved model,
-not our YAML, so a service that Compose would reject or resolve differently fails here.
+validates and resolves the file: anchors, variable substitution, build contexts, depends_on
+conditions and volume names. The tests then read the resolved model, not our YAML, so a
+service that Compose would reject or resolve differently fails here. The secrets come from
+a throwaway env file (a real .env is untracked and has no say here); without them Compose
+must refuse the file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,13 +37,71 @@ def _compose_command() -> list[str]:
     pytest.skip(message)
 
 
+SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "AIRFLOW_ADMIN_PASSWORD",
+           "MLFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")
+TEST_SECRETS = {name: f"test-{name.lower()}-{uuid.uuid4().hex[:8]}" for name in SECRETS}
+
+
+def _compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    cmd = _compose_command() + ["--env-file", str(env_file), "--project-directory", str(REPO_ROOT),
+                                "-f", str(REPO_ROOT / "docker-compose.yml"), "config"]
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+
+
 @pytest.fixture(scope="module")
-def resolved() -> dict:
-    cmd = _compose_command() + ["--project-directory", str(REPO_ROOT), "-f", str(REPO_ROOT / "docker-compose.yml"),
-                                "config"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+def resolved(tmp_path_factory) -> dict:
+    env_file = tmp_path_factory.mktemp("compose") / "test.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_SECRETS.items()))
+    result = _compose_config(env_file)
     assert result.returncode == 0, f"Compose rejected the file:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
+
+
+def test_compose_refuses_to_run_without_the_secrets(tmp_path):
+    """No committed defaults: every secret must come from the environment (.env)."""
+    for missing in SECRETS:
+        env_file = tmp_path / f"without-{missing}.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_SECRETS.items() if k != missing))
+        result = _compose_config(env_file)
+        assert result.returncode != 0, f"Compose accepted the file without {missing}"
+        assert missing in result.stderr
+
+
+def test_published_ports_bind_loopback_only(resolved):
+    for name, svc in resolved["services"].items():
+        for port in svc.get("ports") or []:
+            host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+
+
+def test_mlflow_requires_login_and_secrets_come_from_the_environment(resolved):
+    services = resolved["services"]
+    assert "--app-name basic-auth" in services["mlflow"]["command"]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == TEST_SECRETS["MLFLOW_ADMIN_PASSWORD"]
+    assert TEST_SECRETS["MLFLOW_DB_PASSWORD"] in services["mlflow"]["command"]
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == TEST_SECRETS["AIRFLOW_JWT_SECRET"]
+        assert env["AIRFLOW__API__SECRET_KEY"] == TEST_SECRETS["AIRFLOW_SECRET_KEY"]
+        assert TEST_SECRETS["AIRFLOW_DB_PASSWORD"] in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        assert env["MLFLOW_TRACKING_PASSWORD"] == TEST_SECRETS["MLFLOW_ADMIN_PASSWORD"]
+        # Airflow 3 reads the simple auth manager's users from [core], not a section of its own.
+        assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin"
+        assert "AIRFLOW__SIMPLE_AUTH_MANAGER__USERS" not in env
+    assert services["airflow-apiserver"]["environment"]["AIRFLOW_ADMIN_PASSWORD"] == TEST_SECRETS["AIRFLOW_ADMIN_PASSWORD"]
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text and ":-postgres}" not in text
+
+
+def test_env_file_is_untracked_and_kept_out_of_the_image():
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", ".env"], cwd=REPO_ROOT, capture_output=True)
+    if tracked.returncode == 128 and b"not a git repository" in tracked.stderr:
+        pytest.skip("not a git checkout")
+    assert tracked.returncode != 0, ".env is tracked by git"
+    assert (REPO_ROOT / ".env.example").is_file()
+    ignored = {line.strip().rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".env", "data", ".airflow", ".venv", "mlruns"} <= ignored
 
 
 def test_every_service_has_an_image_or_build_and_a_command(resolved):
