@@ -41,6 +41,7 @@ from core.config import PipelineConfig, load_config
 from simulation.synthetic import make_day, scenario_names, type_names, write_day, write_vocabs
 from training import ssim as S
 from training.metrics import evaluate
+from training.options import TrainOptions
 from training.trainer import slice_ranges, train
 
 SMALL_FEATURES = [
@@ -114,14 +115,14 @@ def summarize(metrics: dict[str, float | None], args: argparse.Namespace) -> dic
 def run_kind(cfg: PipelineConfig, kind: str, train_days: list[str], test_day: str,
              args: argparse.Namespace) -> dict[str, Any]:
     """Baseline and SSIM for one kind and seed (cfg.training.seed)."""
-    base, train_s = timed(train, cfg, train_days, model_kind=kind, progress=False)
+    options = TrainOptions(model_kind=kind, progress=False)
+    base, train_s = timed(train, cfg, train_days, options)
     shared, search_s = timed(S.search, cfg, train_days, model_kind=kind)
     validation = slice_ranges(cfg, train_days, None, None, 200_000).validation
-    metric = S.ssim_config(cfg).ratio_metric
+    metric = cfg.ssim.ratio_metric
     runs = [S.RatioRun(0.0, base, S.slice_metrics(cfg, base.model, train_days, validation,
                                                   args.types, args.scenarios))]
-    runs += S.ratio_sweep(cfg, train_days, shared, [r for r in args.grid if r > 0],
-                          model_kind=kind, progress=False)
+    runs += S.ratio_sweep(cfg, train_days, shared, [r for r in args.grid if r > 0], options)
     ratio = S.best_ratio(runs, metric)
     by_ratio = {r.ratio: summarize(holdout(cfg, r.result.model, test_day, args), args) for r in runs}
     out = {"kind": kind, "train_seconds": train_s, "search_seconds": search_s,
@@ -140,7 +141,7 @@ def random_control(cfg: PipelineConfig, kind: str, shared: S.SharedSet, train_da
     scores = rng.random(len(shared.pairs)).astype(np.float32)
     randomized = dataclasses.replace(shared, pairs=shared.pairs.assign(score=scores))
     runs = S.ratio_sweep(cfg, train_days, randomized, [r for r in args.grid if r > 0],
-                         model_kind=kind, progress=False)
+                         TrainOptions(model_kind=kind, progress=False))
     return {r.ratio: summarize(holdout(cfg, r.result.model, test_day, args), args) for r in runs}
 
 
@@ -191,7 +192,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["mmn", "dnn"])
     p.add_argument("--grid", type=lambda s: [float(x) for x in s.split(",")],
-                   default=list(S.SsimConfig().ratio_grid))
+                   default=list(load_config().ssim.ratio_grid))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

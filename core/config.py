@@ -169,6 +169,7 @@ class Training:
     initial_accumulator: float = 0.0
     domain_lr_scale: float = 1.0
     domain_weight_decay: float = 0.0  # L2 on the domain-specific parameters only
+    checkpoint_retention: int | None = None  # finished checkpoints kept per kind (None: all)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,55 @@ class Evaluation:
     min_domain_conversions: int = 50  # a domain enters the well-observed average from here
     bootstrap_samples: int = 200  # resamples of each domain's holdout rows for intervals
     confidence: float = 0.95
+
+
+SSIM_MODES = ("off", "search", "reuse")
+SSIM_SELECTOR_INPUTS = ("detached", "shared")
+
+
+@dataclass(frozen=True)
+class Ssim:
+    """SSIM shared-instance settings (training.ssim); the YAML's ``ssim:`` section names every
+    key. The defaults are the behaviour before the section existed (SSIM off), for bundles
+    written before it; they equal the YAML's values (tests/test_ssim.py holds that)."""
+
+    mode: str = "off"  # the daily DAG's default: off | search (then retrain) | reuse (latest set)
+    epsilon: float = 0.5  # hard-mask threshold on sigmoid(logit)
+    mask_weight: float = 0.05  # lambda of the KL(rho || G) mask term
+    target_share: float = 1.0  # rho; 1.0 makes the mask term -sum log sigmoid(logit)
+    shared_loss_weight: float = 1.0  # beta, multiplies alpha * the shared CTCVR term
+    across_types: bool = False  # targets: other scenarios of the same type (False) or any domain
+    selector_hidden: tuple[int, ...] = (64,)
+    selector_input: str = "detached"  # detached | shared (selector gradients reach the embedding)
+    selector_lr: float = 0.05  # Adam, its own optimizer: the gates must settle within one search
+    selector_ema: float = 0.9  # EMA decay of the selector weights used to score (0 = last step)
+    epochs: int = 1  # search epochs over the training window
+    ratio_grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
+    ratio_metric: str = "cvr_auc_domain_avg"  # validation metric choose_ratio maximizes
+
+    def __post_init__(self) -> None:
+        # Checked here (not only in _validate) because searches and benchmarks build
+        # variants with dataclasses.replace.
+        object.__setattr__(self, "selector_hidden", tuple(int(v) for v in self.selector_hidden))
+        object.__setattr__(self, "ratio_grid", tuple(float(v) for v in self.ratio_grid))
+        if self.mode not in SSIM_MODES:
+            raise ConfigError(f"ssim.mode must be one of {SSIM_MODES}, got {self.mode!r}")
+        if not 0.0 < self.epsilon < 1.0:
+            raise ConfigError(f"ssim.epsilon must lie in (0, 1), got {self.epsilon}")
+        if self.mask_weight < 0 or self.shared_loss_weight < 0:
+            raise ConfigError("ssim.mask_weight and ssim.shared_loss_weight must be >= 0")
+        if not 0.0 < self.target_share <= 1.0:
+            raise ConfigError(f"ssim.target_share must lie in (0, 1], got {self.target_share}")
+        if self.selector_input not in SSIM_SELECTOR_INPUTS:
+            raise ConfigError(f"ssim.selector_input must be one of {SSIM_SELECTOR_INPUTS}")
+        if self.selector_lr <= 0:
+            raise ConfigError("ssim.selector_lr must be > 0")
+        if not 0.0 <= self.selector_ema < 1.0:
+            raise ConfigError("ssim.selector_ema must lie in [0, 1)")
+        if self.epochs < 1:
+            raise ConfigError("ssim.epochs must be >= 1")
+        if not self.ratio_grid or any(not 0.0 <= r <= 1.0 for r in self.ratio_grid):
+            raise ConfigError(f"ssim.ratio_grid needs ratios in [0, 1], got {self.ratio_grid}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +300,7 @@ class PipelineConfig:
     training: Training
     gate: Gate
     evaluation: Evaluation
+    ssim: Ssim
     validation: Validation
     mlflow: Mlflow
     spark: Spark
@@ -409,6 +460,7 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         training=section(Training, "training"),
         gate=section(Gate, "gate"),
         evaluation=section(Evaluation, "evaluation"),
+        ssim=section(Ssim, "ssim"),
         validation=section(Validation, "validation"),
         mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow", from_bundle),
         spark=section(Spark, "spark"),
@@ -462,3 +514,6 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("training.optimizer must be adagrad or adam")
     if cfg.training.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("training.device must be auto, cpu or cuda")
+    retention = cfg.training.checkpoint_retention
+    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int) or retention < 0):
+        raise ConfigError(f"training.checkpoint_retention must be an integer >= 0, got {retention!r}")

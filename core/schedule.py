@@ -12,6 +12,15 @@ import datetime as dt
 from core.config import PipelineConfig
 
 
+def parse_day(day: str) -> dt.date:
+    """The one ISO-date parser for day arguments (CLI, DAG params, task functions): a clear
+    error naming the bad value instead of fromisoformat's generic one."""
+    try:
+        return dt.date.fromisoformat(day)
+    except (TypeError, ValueError):
+        raise ValueError(f"day {day!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
 def cron_time(cron: str) -> tuple[int, int]:
     """(hour, minute) of a daily cron expression with a fixed time."""
     minute, hour, *_ = cron.split()
@@ -23,7 +32,7 @@ def cron_time(cron: str) -> tuple[int, int]:
 def interval_start_for(cfg: PipelineConfig, day: str) -> dt.datetime:
     """Logical date (data interval start) of the run that builds impression day ``day``."""
     hour, minute = cron_time(cfg.airflow.schedule)
-    start = dt.date.fromisoformat(day) + dt.timedelta(days=cfg.windows.label_delay_days)
+    start = parse_day(day) + dt.timedelta(days=cfg.windows.label_delay_days)
     return dt.datetime(start.year, start.month, start.day, hour, minute, tzinfo=dt.UTC)
 
 

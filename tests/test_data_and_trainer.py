@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from core.config import load_config
 from core.hashing import signed_xxhash64
 from simulation.synthetic import make_day, write_day, write_vocabs
 from training.data import SampleStream, count_rows, hash_buckets
+from training.options import TrainOptions
 from training.trainer import NonFiniteLossError, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +157,7 @@ def signal_cfg(tmp_path):
 
 def test_training_on_a_learnable_signal_lowers_validation_loss(signal_cfg):
     logged = []
-    result = train(signal_cfg, DAYS, progress=False, log_fn=lambda m, s: logged.append((s, m)))
+    result = train(signal_cfg, DAYS, TrainOptions(progress=False, log_fn=lambda m, s: logged.append((s, m))))
     evals = [h for h in result.history if "val_objective" in h]
     assert result.steps > 200 and len(evals) >= 8
     assert result.best_val["val_objective"] < evals[0]["val_objective"] - 0.05
@@ -166,25 +168,26 @@ def test_training_on_a_learnable_signal_lowers_validation_loss(signal_cfg):
 
 
 def test_crash_and_resume_reproduce_the_uninterrupted_run(signal_cfg, tmp_path):
-    kwargs = dict(progress=False, max_steps=50)
-    reference = train(signal_cfg, DAYS, checkpoint_dir=tmp_path / "ref", **kwargs)
+    opts = TrainOptions(progress=False, max_steps=50)
+    reference = train(signal_cfg, DAYS, dataclasses.replace(opts, checkpoint_dir=tmp_path / "ref"))
+    run = dataclasses.replace(opts, checkpoint_dir=tmp_path / "run")
 
     def crash(step: int) -> None:
         if step == 33:
             raise RuntimeError("injected crash")
 
     with pytest.raises(RuntimeError, match="injected crash"):
-        train(signal_cfg, DAYS, checkpoint_dir=tmp_path / "run", on_step=crash, **kwargs)
-    resumed = train(signal_cfg, DAYS, checkpoint_dir=tmp_path / "run", **kwargs)
+        train(signal_cfg, DAYS, dataclasses.replace(run, on_step=crash))
+    resumed = train(signal_cfg, DAYS, run)
     assert resumed.resumed_from_step == 20 and resumed.steps == reference.steps == 50
     ref_state, got_state = reference.model.state_dict(), resumed.model.state_dict()
     for name, tensor in ref_state.items():
         assert torch.equal(tensor, got_state[name]), name
     assert resumed.best_step == reference.best_step
     # A finished run is not retrained; a different run ignores the checkpoint.
-    again = train(signal_cfg, DAYS, checkpoint_dir=tmp_path / "run", **kwargs)
+    again = train(signal_cfg, DAYS, run)
     assert again.resumed_from_step == 50
-    other = train(signal_cfg, DAYS[:1], checkpoint_dir=tmp_path / "run", progress=False, max_steps=3)
+    other = train(signal_cfg, DAYS[:1], dataclasses.replace(run, max_steps=3))
     assert other.resumed_from_step is None and other.steps == 3
 
 
@@ -203,22 +206,92 @@ def test_non_finite_loss_names_the_step(signal_cfg, monkeypatch):
                     p.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match="step 4"):
-        train(signal_cfg, DAYS, progress=False, on_step=poison)
+        train(signal_cfg, DAYS, TrainOptions(progress=False, on_step=poison))
 
 
 def test_model_kind_can_pin_the_loss(signal_cfg, monkeypatch):
     """mmn_no_dynamic_weight trains on the plain-mean CTCVR loss whatever cfg.model says."""
-    import training.trainer as trainer_module
+    import training.distributed as distributed_module
 
     seen: list[bool] = []
-    real = trainer_module.loss_from_config
+    real = distributed_module.loss_from_config
 
     def spy(model_cfg, *args):
         seen.append(model_cfg.dynamic_weight)
         return real(model_cfg, *args)
 
-    monkeypatch.setattr(trainer_module, "loss_from_config", spy)
+    monkeypatch.setattr(distributed_module, "loss_from_config", spy)
     for kind in ("mmn", "mmn_no_dynamic_weight"):
-        train(signal_cfg, DAYS, model_kind=kind, progress=False, max_steps=2)
+        train(signal_cfg, DAYS, TrainOptions(model_kind=kind, progress=False, max_steps=2))
     assert signal_cfg.model.dynamic_weight is True
     assert seen == [True, True, False, False]
+
+
+class _CountingLoss:
+    """A minimal training.hooks.StepLoss plug-in: the plain loss, counted."""
+
+    needs_impression_ids = False
+    distributed = True
+
+    def __init__(self, tag: str) -> None:
+        self.tag, self.calls, self.bound = tag, 0, None
+
+    def bind(self, model):
+        self.bound = model.kind
+
+    def loss(self, net, batch, loss_cfg):
+        from training.losses import loss_from_config
+
+        self.calls += 1
+        p_ctr, p_cvr = net(batch["features"], batch["type_id"], batch["scenario_id"])
+        return loss_from_config(loss_cfg, p_ctr, p_cvr, batch)
+
+    def fingerprint(self):
+        return {"tag": self.tag}
+
+    def stats(self):
+        return {"calls": float(self.calls)}
+
+
+def test_a_step_loss_plugin_replaces_the_plain_loss_and_joins_the_fingerprint(signal_cfg, tmp_path):
+    from training.hooks import StepLoss
+
+    opts = TrainOptions(progress=False, max_steps=5, checkpoint_dir=tmp_path / "run")
+    plain = train(signal_cfg, DAYS, dataclasses.replace(opts, checkpoint_dir=None))
+    hook = _CountingLoss("a")
+    assert isinstance(hook, StepLoss)
+    got = train(signal_cfg, DAYS, dataclasses.replace(opts, step_loss=hook))
+    assert hook.bound == "mmn" and got.step_loss_stats == {"calls": 5.0}
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, got.model.state_dict()[name]), name
+    same = train(signal_cfg, DAYS, dataclasses.replace(opts, step_loss=_CountingLoss("a")))
+    assert same.resumed_from_step == 5
+    other = train(signal_cfg, DAYS, dataclasses.replace(opts, step_loss=_CountingLoss("b")))
+    assert other.resumed_from_step is None and other.steps == 5
+
+
+def test_a_changed_training_day_retrains_instead_of_resuming(signal_cfg, tmp_path, caplog):
+    """Issue 17 item 3: the checkpoint fingerprint covers the training days' data (and the
+    caller's extra inputs, e.g. the holdout day's manifest); a mismatch starts fresh, logged."""
+    opts = TrainOptions(progress=False, max_steps=3, checkpoint_dir=tmp_path / "run",
+                        inputs={"holdout": "manifest-a"})
+    first = train(signal_cfg, DAYS, opts)
+    assert first.resumed_from_step is None
+    assert train(signal_cfg, DAYS, opts).resumed_from_step == 3
+    samples, truth = make_day(signal_cfg, DAYS[0], 3000, N_TYPES, N_SCENARIOS, seed=7)
+    write_day(signal_cfg, DAYS[0], samples, truth)
+    with caplog.at_level("WARNING", logger="training.checkpoints"):
+        changed = train(signal_cfg, DAYS, opts)
+    assert changed.resumed_from_step is None and changed.steps == 3
+    assert f"inputs.{DAYS[0]}" in caplog.text and "starts fresh" in caplog.text
+    assert any(not torch.equal(t, changed.model.state_dict()[k]) for k, t in first.model.state_dict().items())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.checkpoints"):
+        other = train(signal_cfg, DAYS, dataclasses.replace(opts, inputs={"holdout": "manifest-b"}))
+    assert other.resumed_from_step is None and "inputs.holdout" in caplog.text
+
+
+def test_keyword_options_still_work_with_a_deprecation_warning(signal_cfg):
+    with pytest.warns(DeprecationWarning, match="TrainOptions"):
+        result = train(signal_cfg, DAYS, progress=False, max_steps=2)
+    assert result.steps == 2

@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 from core.config import load_config
 from simulation.synthetic import scenario_names, type_names, write_days
 from training.data import SampleStream
+from training.distributed import DistInfo, global_batch_loss
 from training.losses import loss_from_config
 from training.metrics import evaluate
 from training.models import build_model, loss_config
-from training.trainer import DistInfo, global_batch_loss
 
 TRAIN_DAYS = ["2026-10-01", "2026-10-02"]
 HOLDOUT = "2026-10-03"

@@ -11,12 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from core.config import ConfigError, config_from_mapping, load_config
+from core.config import ConfigError, Ssim, config_from_mapping, load_config
 from simulation.synthetic import make_day, write_day, write_days, write_vocabs
 from training import ssim as S
 from training.data import BucketRange, SampleStream, batch_to_device
+from training.distributed import DistInfo
+from training.hooks import StepLoss
 from training.losses import bce, domain_weights, loss_from_config
 from training.models import build_model, loss_config
+from training.options import TrainOptions
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,8 +33,8 @@ SMALL_FEATURES = [
     {"name": "user_age", "kind": "numeric", "boundaries": [18, 25, 35, 45, 55, 65]},
 ]
 # Enough epochs for the gates to settle on 1500-row days (production runs ~1 epoch of many steps).
-SEARCH = S.SsimConfig(epochs=5)
-SHARED_SEARCH = S.SsimConfig(epochs=2)  # the module's saved set
+SEARCH = Ssim(epochs=5)
+SHARED_SEARCH = Ssim(epochs=2)  # the module's saved set
 
 
 def _cfg(root, **overrides):
@@ -99,15 +102,22 @@ def test_targets_are_the_other_scenarios_of_the_type_or_any_other_domain():
     assert not across.eligible(t, s)[0, 2] and not across.eligible(t, s)[1, 3]
 
 
-def test_config_section_defaults_overrides_and_checks(cfg):
-    assert S.ssim_config(cfg) == S.SsimConfig()
+def test_config_section_is_typed_with_one_set_of_defaults(cfg):
+    """cfg.ssim is parsed and checked at load; the YAML's values equal the dataclass's (the
+    defaults a bundle older than the section takes), so there is one set of defaults."""
+    assert cfg.ssim == Ssim()
     with_section = config_from_mapping({**cfg.raw, "ssim": {"epsilon": 0.3, "ratio_grid": [0, 0.5]}})
-    got = S.ssim_config(with_section)
-    assert got.epsilon == 0.3 and got.ratio_grid == (0, 0.5) and got.mask_weight == S.SsimConfig.mask_weight
+    got = with_section.ssim
+    assert got.epsilon == 0.3 and got.ratio_grid == (0, 0.5) and got.mask_weight == Ssim.mask_weight
+    without = {k: v for k, v in cfg.raw.items() if k != "ssim"}
+    assert config_from_mapping(without).ssim == Ssim()
+    assert cfg.with_overrides({"ssim.epsilon": 0.25}).ssim.epsilon == 0.25
     with pytest.raises(ConfigError, match="unknown keys"):
-        S.ssim_config(cfg, {"epsilom": 0.3})
+        config_from_mapping({**cfg.raw, "ssim": {**cfg.raw["ssim"], "epsilom": 0.3}})
+    with pytest.raises(ConfigError, match="ssim.mode"):
+        cfg.with_overrides({"ssim.mode": "sometimes"})
     with pytest.raises(ConfigError, match="epsilon"):
-        S.SsimConfig(epsilon=1.0)
+        Ssim(epsilon=1.0)
 
 
 # ----------------------------------------------------------------------------- search
@@ -163,7 +173,7 @@ def test_latest_set_is_loaded_by_default(tmp_path):
 @pytest.mark.parametrize("kind", ["dnn", "star"])
 def test_search_works_for_other_backbones_and_across_types(cfg, kind):
     got = S.search(cfg, DAYS[:1], model_kind=kind, max_steps=3,
-                   ssim=S.SsimConfig(across_types=True, selector_input="shared"))
+                   ssim=Ssim(across_types=True, selector_input="shared"))
     pairs = got.pairs
     assert got.manifest["model_kind"] == kind
     assert len(pairs) == (N_TYPES * N_SCENARIOS - 1) * pairs["impression_id"].nunique()
@@ -191,16 +201,27 @@ def _assert_same_weights(a, b):
 
 
 def test_all_zero_mask_trains_exactly_like_no_ssim(cfg, shared):
-    plain = train(cfg, DAYS, progress=False)
+    plain = train(cfg, DAYS, TrainOptions(progress=False))
     zero = dataclasses.replace(shared, pairs=shared.pairs.assign(shared=False))
-    for kwargs in ({"shared_set": zero}, {"shared_set": shared, "share_ratio": 0.0}):
-        got = train(cfg, DAYS, progress=False, **kwargs)
+    for hook in (S.shared_training(cfg, zero), S.shared_training(cfg, shared, 0.0)):
+        assert isinstance(hook, StepLoss)
+        got = train(cfg, DAYS, TrainOptions(progress=False, step_loss=hook))
         _assert_same_weights(plain, got)
-        assert got.steps == plain.steps and got.shared_rows == 0
+        assert got.steps == plain.steps and got.step_loss_stats == {"ssim_shared_rows": 0.0}
         untimed = [{k: v for k, v in h.items() if k != "samples_per_sec"} for h in plain.history]
         assert [{k: v for k, v in h.items() if k != "samples_per_sec"} for h in got.history] == untimed
-    with pytest.raises(ValueError, match="needs a shared_set"):
-        train(cfg, DAYS, progress=False, share_ratio=0.1)
+
+
+def test_reuse_refuses_ddp_and_sets_beyond_the_models_domains(cfg, shared, monkeypatch):
+    import training.trainer as trainer_module
+
+    narrow = S.shared_training(cfg, shared, 0.5)
+    with pytest.raises(ValueError, match="beyond the model"):
+        train(cfg, DAYS, TrainOptions(progress=False, max_steps=1, n_types=N_TYPES, n_scenarios=1,
+                                      step_loss=narrow))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistInfo(0, 2, 0, False))
+    with pytest.raises(ValueError, match="single-process only"):
+        train(cfg, DAYS, TrainOptions(progress=False, step_loss=S.shared_training(cfg, shared, 0.5)))
 
 
 def test_reuse_step_loss_adds_the_shared_ctcvr_terms(cfg, shared):
@@ -210,10 +231,11 @@ def test_reuse_step_loss_adds_the_shared_ctcvr_terms(cfg, shared):
     torch.manual_seed(0)
     model = build_model(cfg, N_TYPES, N_SCENARIOS, "mmn")
     loss_cfg = loss_config(cfg, model)
-    lookup = S.SharedTraining(shared, 0.5, N_TYPES, N_SCENARIOS, S.SsimConfig(shared_loss_weight=0.7))
+    lookup = S.SharedTraining(shared, 0.5, dataclasses.replace(cfg.ssim, shared_loss_weight=0.7))
+    lookup.bind(model)
     batch = next(iter(SampleStream(cfg, DAYS, with_impression_id=True, seed=4)))
     b = batch_to_device(batch, torch.device("cpu"))
-    got = lookup.step_loss(model, b, loss_cfg)
+    got = lookup.loss(model, b, loss_cfg)
 
     sel = shared.selection(0.5).set_index("impression_id")
     rows, t, s = [], [], []
@@ -257,8 +279,8 @@ def test_search_and_reuse_end_to_end_with_mlflow(cfg):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, f"ssim/{out['set_id']}")}
     assert f"ssim/{out['set_id']}/{S.PAIRS_FILE}" in artifacts
 
-    result = train(cfg, DAYS, progress=False, shared_set=reused, share_ratio=0.2)
-    assert result.shared_rows > 0
+    result = train(cfg, DAYS, TrainOptions(progress=False, step_loss=S.shared_training(cfg, reused, 0.2)))
+    assert result.step_loss_stats["ssim_shared_rows"] > 0
     metrics = S.slice_metrics(cfg, result.model, DAYS, (BucketRange(0, 1000, keep=True),),
                               N_TYPES, N_SCENARIOS)
     assert np.isfinite(metrics["cvr_auc"])
