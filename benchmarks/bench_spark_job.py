@@ -110,7 +110,7 @@ def _files(cfg: PipelineConfig, log: str, days: Sequence[str]) -> list[str]:
 
 def duckdb_sql(cfg: PipelineConfig, day: str, out: Path) -> str:
     """The build job's hash-and-join as one DuckDB statement over the same raw files."""
-    from spark_jobs.build_samples import partition_spans, shift
+    from spark_jobs.sources import partition_spans, shift
 
     click_days, conv_days = partition_spans(cfg)
     imp_id, click_id, conv_id = (cfg.logs[log].id_field for log in ("impressions", "clicks", "conversions"))

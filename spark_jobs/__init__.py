@@ -1,1 +1,1 @@
-"""Batch jobs of the pipeline: the raw-log generator and the Spark hash-and-join build."""
+"""The Spark hash-and-join build job: entry point ``build_samples.py``, its steps beside it."""

@@ -25,15 +25,12 @@ from tests.spark_fixtures import spark  # noqa: F401
 
 pytest.importorskip("pyspark")
 
+from core.raw_inputs import data_files  # noqa: E402
 from simulation.generate_logs import generate  # noqa: E402
-from spark_jobs.build_samples import (  # noqa: E402
-    MissingInputError,
-    build_day,
-    data_files,
-    partition_spans,
-    shift,
-)
+from spark_jobs.build_samples import build_day  # noqa: E402
 from spark_jobs.build_samples import main as build_main  # noqa: E402
+from spark_jobs.reasons import MissingInputError  # noqa: E402
+from spark_jobs.sources import partition_spans, shift  # noqa: E402
 
 D1, D2 = "2026-11-01", "2026-11-02"
 N1, N2 = 3000, 6000

@@ -18,14 +18,9 @@ pytest.importorskip("pyspark")
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql import types as T  # noqa: E402
 
-from spark_jobs.build_samples import (  # noqa: E402
-    categorical_id_expr,
-    feature_id_expr,
-    log_fields,
-    numeric_id_expr,
-    parse_records,
-    value_column,
-)
+from spark_jobs.impressions import categorical_id_expr, feature_id_expr, numeric_id_expr  # noqa: E402
+from spark_jobs.parse import parse_records, value_column  # noqa: E402
+from spark_jobs.sources import log_fields  # noqa: E402
 
 ALPHABETS = [
     (0x20, 0x7E),  # ASCII, including = " \ and space
