@@ -21,6 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,23 +40,38 @@ def preset_env(root: Path, preset: str, impressions: int) -> dict[str, str]:
     }
 
 
-def run_preset(preset: str, args: argparse.Namespace) -> dict:
-    from mmn.compare import compare
+def study_days(start: str, n: int) -> list[str]:
+    first = dt.date.fromisoformat(start)
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range(n)]
+
+
+def prepare_days(root: Path, preset: str, impressions: int, days: list[str], data_seed: int,
+                 overrides: list[str]) -> Any:
+    """Point the process (and spark-submit, which inherits the environment) at a scratch
+    lake and MLflow store under ``root``; generate and build ``days`` unless already built.
+    Returns the study's config."""
     from mmn.tasks import build_day
     from simulation.generate_logs import generate
 
-    root = Path(args.out) / preset
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.update(preset_env(root, preset, args.impressions))  # spark-submit inherits these
-    overrides = [f"windows.train_window_days={args.train_days}", *args.set]
+    os.environ.update(preset_env(root, preset, impressions))
     cfg = load_config(overrides=overrides)
-    start = dt.date.fromisoformat(args.start)
-    days = [(start + dt.timedelta(days=i)).isoformat() for i in range(args.train_days + 1)]
-    began = time.monotonic()
-    if not all(cfg.paths.manifest_path(d).exists() for d in days):
-        generate(cfg, days[0], len(days), seed=args.data_seed)
-        for day in days:
+    missing = [d for d in days if not cfg.paths.manifest_path(d).exists()]
+    if missing:
+        generate(cfg, days[0], len(days), seed=data_seed)
+        for day in missing:
             build_day(cfg, day)
+    return cfg
+
+
+def run_preset(preset: str, args: argparse.Namespace) -> dict:
+    from mmn.compare import compare
+
+    root = Path(args.out) / preset
+    days = study_days(args.start, args.train_days + 1)
+    began = time.monotonic()
+    cfg = prepare_days(root, preset, args.impressions, days, args.data_seed,
+                       [f"windows.train_window_days={args.train_days}", *args.set])
     data_s = time.monotonic() - began
     began = time.monotonic()
     result = compare(cfg, days[-1], args.kinds.split(","), seeds=args.seeds,

@@ -13,7 +13,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from core.config import load_config
-from mmn.model_kinds import MODEL_KINDS
+from mmn.model_kinds import COMPARISON_KINDS
 from mmn.orchestration import default_args
 
 CFG = load_config()
@@ -28,8 +28,8 @@ CFG = load_config()
     default_args={**default_args(CFG), "retries": 0},
     params={
         "date": Param(type="string", format="date", description="Holdout day (already built)."),
-        "kinds": Param(["mmn", "dnn", "esmm", "star", "mi_dpg"], type="array",
-                       items={"type": "string", "enum": list(MODEL_KINDS)}, minItems=1,
+        "kinds": Param(["mmn", "dnn", "star", "lightgbm", "lr_crosses"], type="array",
+                       items={"type": "string", "enum": list(COMPARISON_KINDS)}, minItems=1,
                        description="Model kinds to train and compare."),
         "seeds": Param([CFG.training.seed], type="array", items={"type": "integer"}, minItems=1),
     },

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 
 from core.config import PipelineConfig, add_config_arguments, load_config
+from mmn import peer_runs
+from mmn.model_kinds import COMPARISON_KINDS, PEER_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ ARTIFACT_DIR = "comparison"
 GAIN_BASE, GAIN_MODEL = "dnn", "mmn"  # the heatmap: MMN's gain over the DNN baseline
 PARAM_COLUMNS = ("n_params", "n_domain_param_sets")
 ORACLE_ROW = "oracle"  # the generator's true probabilities on the same rows
+OBSERVED_AVG = "cvr_auc_domain_avg_observed"  # training.metrics.OBSERVED_AVG (torch-free here)
+SUMMARY_COLUMNS = ("type_avg", "scenario_avg", "domain_avg", "observed_domain_avg", "overall")
+# Columns kept from each model's holdout predictions for the bootstrap (clicked rows only).
+BOOTSTRAP_COLUMNS = ("type_id", "scenario_id", "click", "conversion", "p_cvr", "oracle_p_conversion")
 
 
 @dataclass
@@ -54,6 +60,8 @@ class ComparisonResult:
     table: pd.DataFrame  # one row per kind: mean columns, plus <column>_std with > 1 seed
     markdown: str
     files: dict[str, Path] = field(default_factory=dict)
+    reference: str | None = None  # the model every paired difference is taken against
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> average -> Interval
 
 
 # ----------------------------------------------------------------------------- table
@@ -65,7 +73,8 @@ def auc_columns(types: Sequence[str], scenarios: Sequence[str]) -> list[tuple[st
     cols.append(("type_avg", "cvr_auc_type_avg"))
     cols += [(f"scenario/{s}", f"cvr_auc_scenario/{s}") for s in scenarios]
     cols.append(("scenario_avg", "cvr_auc_scenario_avg"))
-    cols += [("domain_avg", "cvr_auc_domain_avg"), ("overall", "cvr_auc")]
+    cols += [("domain_avg", "cvr_auc_domain_avg"), ("observed_domain_avg", OBSERVED_AVG),
+             ("overall", "cvr_auc")]
     return cols
 
 
@@ -183,20 +192,88 @@ def gain_heatmap(grid: np.ndarray, types: Sequence[str], scenarios: Sequence[str
     return path
 
 
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _clicked(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The rows and columns the bootstrap needs: clicked holdout rows, in predict order."""
+    columns = [c for c in BOOTSTRAP_COLUMNS if c in predictions]
+    return predictions.loc[predictions["click"] > 0, columns].reset_index(drop=True)
+
+
+def bootstrap_intervals(cfg: PipelineConfig, holdout: dict[str, dict[int, pd.DataFrame]],
+                        reference: str | None) -> dict[str, dict[str, Any]]:
+    """Per model (and the oracle): an interval for every average, of the mean over seeds,
+    and the paired interval of (model - reference); see training/stats.py."""
+    from training.stats import average_samples, intervals, seed_mean, stratified_resamples
+
+    frames = [f for per_seed in holdout.values() for f in per_seed.values()]
+    if not frames or frames[0].empty:
+        return {}
+    first = frames[0]
+    for frame in frames[1:]:  # paired resamples need the same rows in the same order
+        if not (frame[["type_id", "scenario_id", "conversion"]].to_numpy()
+                == first[["type_id", "scenario_id", "conversion"]].to_numpy()).all():
+            raise ValueError("models were scored on different holdout rows; cannot pair them")
+    ev = cfg.evaluation
+    resamples = stratified_resamples(first, ev.bootstrap_samples, ev.min_domain_conversions, seed=0)
+    samples = {kind: seed_mean([average_samples(resamples, f["p_cvr"].to_numpy())
+                                for f in per_seed.values()])
+               for kind, per_seed in holdout.items() if per_seed}
+    if "oracle_p_conversion" in first and first["oracle_p_conversion"].notna().all():
+        samples[ORACLE_ROW] = average_samples(resamples, first["oracle_p_conversion"].to_numpy())
+    return intervals(samples, reference, ev.confidence)
+
+
+def intervals_markdown(bounds: dict[str, dict[str, Any]], reference: str | None, caption: str) -> str:
+    """Two Markdown tables: every average with its interval; (model - reference) paired."""
+
+    def cell(iv: Any) -> str:
+        if iv is None or math.isnan(iv.estimate):
+            return "n/a"
+        if math.isnan(iv.low):
+            return f"{iv.estimate:.4f}"
+        return f"{iv.estimate:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
+
+    head = "| model | " + " | ".join(SUMMARY_COLUMNS) + " |"
+    rule = "|" + "|".join(["---"] + ["---:"] * len(SUMMARY_COLUMNS)) + "|"
+    lines = [caption, "", head, rule]
+    for kind, row in bounds.items():
+        lines.append(f"| `{kind}` | " + " | ".join(cell(row.get(c)) for c in SUMMARY_COLUMNS) + " |")
+    if reference is not None:
+        lines += ["", f"Paired difference (model - `{reference}`), same resampled rows:", "", head, rule]
+        for kind, row in bounds.items():
+            if kind != reference and f"{SUMMARY_COLUMNS[0]}_vs_ref" in row:
+                lines.append(f"| `{kind}` | "
+                             + " | ".join(cell(row.get(f"{c}_vs_ref")) for c in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _interval_metrics(bounds: dict[str, dict[str, Any]], reference: str | None) -> dict[str, float]:
+    """Parent-run metrics: <kind>/<average>_ci_low|high and <kind>/<average>_minus_<ref>[_ci_*]."""
+    out: dict[str, float] = {}
+    for kind, row in bounds.items():
+        for name, iv in row.items():
+            base = name[:-len("_vs_ref")] + f"_minus_{reference}" if name.endswith("_vs_ref") else name
+            if name.endswith("_vs_ref"):
+                out[f"{kind}/{base}"] = iv.estimate
+            out[f"{kind}/{base}_ci_low"] = iv.low
+            out[f"{kind}/{base}_ci_high"] = iv.high
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
 def _check_kinds(kinds: Sequence[str]) -> list[str]:
-    from training.models import available_models
-
     kinds = [k.strip() for k in kinds if k.strip()]
     if not kinds:
         raise ValueError("compare() needs at least one model kind")
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"model kinds repeat: {kinds}")
-    unknown = sorted(set(kinds) - set(available_models()))
+    unknown = sorted(set(kinds) - set(COMPARISON_KINDS))
     if unknown:
-        raise ValueError(f"unknown model kinds {unknown}; available: {available_models()}")
+        raise ValueError(f"unknown model kinds {unknown}; available: {sorted(COMPARISON_KINDS)}")
     return kinds
 
 
@@ -207,14 +284,21 @@ def compare(
     *,
     seeds: Sequence[int] | None = None,
     experiment: str | None = None,
+    reference: str | None = None,
 ) -> ComparisonResult:
-    """Train and evaluate every kind for every seed on ``day``; log and return the table."""
+    """Train and evaluate every kind for every seed on ``day``; log and return the table.
+
+    ``reference`` (default: ``mmn`` when compared, else the first kind) is the model every
+    paired bootstrap difference is taken against."""
     from mlflow.tracking import MlflowClient
 
     from mmn.tasks import evaluate_day, parse_day, setup_mlflow, train_day, vocab_lists
 
     day = parse_day(day).isoformat()
     kinds = _check_kinds(kinds)
+    reference = reference or (GAIN_MODEL if GAIN_MODEL in kinds else kinds[0])
+    if reference not in kinds:
+        raise ValueError(f"reference {reference!r} is not among the kinds {kinds}")
     seeds = [int(s) for s in (seeds if seeds is not None else (cfg.training.seed,))]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
@@ -231,26 +315,35 @@ def compare(
     client.log_param(parent_id, "kinds", ",".join(kinds))
     client.log_param(parent_id, "seeds", ",".join(map(str, seeds)))
     client.log_param(parent_id, "day", day)
+    client.log_param(parent_id, "reference", reference)
     child_runs: dict[str, dict[int, str]] = {k: {} for k in kinds}
     metrics: dict[str, dict[int, dict[str, float | None]]] = {k: {} for k in kinds}
+    holdout: dict[str, dict[int, pd.DataFrame]] = {k: {} for k in kinds}
     try:
         for seed in seeds:
             # evaluate_day re-activates cfg.mlflow.experiment before reopening the run, so
             # the children's config names the comparison experiment.
             seeded = cfg.with_overrides({"training.seed": seed, "mlflow.experiment": experiment})
+            tags = {"comparison_id": comparison_id, "comparison_seed": str(seed)}
             for kind in kinds:
                 log.info("comparison %s: training %s with seed %d", comparison_id, kind, seed)
-                run_id = train_day(seeded, day, model_kind=kind, experiment=experiment,
-                                   extra_tags={"comparison_id": comparison_id,
-                                               "comparison_seed": str(seed)},
-                                   parent_run_id=parent_id)
-                evaluation = evaluate_day(seeded, day, run_id)
+                if kind in PEER_KINDS:
+                    run_id, challenger, predictions = peer_runs.train_peer_day(
+                        seeded, day, kind, experiment=experiment, extra_tags=tags,
+                        parent_run_id=parent_id)
+                else:
+                    run_id = train_day(seeded, day, model_kind=kind, experiment=experiment,
+                                       extra_tags=tags, parent_run_id=parent_id)
+                    challenger = evaluate_day(seeded, day, run_id)["challenger"]
+                    predictions = peer_runs.run_predictions(seeded, day, run_id)
                 run_metrics = client.get_run(run_id).data.metrics
                 child_runs[kind][seed] = run_id
-                metrics[kind][seed] = {**evaluation["challenger"],
+                metrics[kind][seed] = {**challenger,
                                        **{c: run_metrics.get(f"model/{c}") for c in PARAM_COLUMNS}}
+                holdout[kind][seed] = _clicked(predictions)
+        bounds = bootstrap_intervals(cfg, holdout, reference)
         result = _report(cfg, client, comparison_id, day, experiment_id, parent_id, kinds, seeds,
-                         child_runs, metrics, types, scenarios)
+                         child_runs, metrics, types, scenarios, reference, bounds)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -261,13 +354,21 @@ def compare(
 def _report(cfg: PipelineConfig, client: Any, comparison_id: str, day: str, experiment_id: str,
             parent_id: str, kinds: list[str], seeds: list[int],
             child_runs: dict[str, dict[int, str]], metrics: dict[str, dict[int, dict[str, Any]]],
-            types: list[str], scenarios: list[str]) -> ComparisonResult:
+            types: list[str], scenarios: list[str], reference: str | None = None,
+            bounds: dict[str, dict[str, Any]] | None = None) -> ComparisonResult:
     """Write the table (Markdown, CSV), raw metrics (JSON) and heatmap; log them to the parent."""
+    bounds = bounds or {}
     table = comparison_table(metrics, types, scenarios)
     spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     caption = (f"Holdout CVR AUC (clicked impressions) of {day}, per conversion type and display "
                f"scenario; {spread}. Comparison `{comparison_id}`.")
     markdown = to_markdown(table, types, scenarios, caption)
+    if bounds:
+        ev = cfg.evaluation
+        markdown += "\n" + intervals_markdown(bounds, reference, (
+            f"Averages with {ev.confidence:.0%} bootstrap intervals ({ev.bootstrap_samples} "
+            f"resamples of each domain's clicked holdout rows; {spread}; observed_domain_avg: "
+            f"domains with >= {ev.min_domain_conversions} holdout conversions)."))
     out = cfg.paths.reports_root / "comparisons" / f"{day}_{comparison_id}"
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "comparison.md", "csv": out / "comparison.csv",
@@ -276,7 +377,9 @@ def _report(cfg: PipelineConfig, client: Any, comparison_id: str, day: str, expe
     table.to_csv(files["csv"], float_format="%.6f")
     files["json"].write_text(json.dumps(
         {"comparison_id": comparison_id, "day": day, "kinds": kinds, "seeds": seeds,
-         "runs": child_runs, "metrics": metrics}, indent=1, default=str))
+         "runs": child_runs, "metrics": metrics, "reference": reference,
+         "intervals": {k: {n: vars(iv) for n, iv in row.items()} for k, row in bounds.items()}},
+        indent=1, default=str))
     if GAIN_MODEL in metrics and GAIN_BASE in metrics:
         grid = domain_gain(metrics, types, scenarios)
         over = f"mean over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
@@ -289,14 +392,14 @@ def _report(cfg: PipelineConfig, client: Any, comparison_id: str, day: str, expe
         client.log_artifact(parent_id, str(path), artifact_path=ARTIFACT_DIR)
     summary = {f"{kind}/{column}": value for kind, row in table.iterrows()
                for column, value in row.items()
-               if column in ("type_avg", "scenario_avg", "domain_avg", "overall")
-               and not math.isnan(value)}
+               if column in SUMMARY_COLUMNS and not math.isnan(value)}
+    summary.update(_interval_metrics(bounds, reference))
     for key, value in summary.items():
         client.log_metric(parent_id, key, float(value))
     return ComparisonResult(comparison_id=comparison_id, day=day, experiment_id=experiment_id,
                             parent_run_id=parent_id, kinds=kinds, seeds=seeds,
                             child_runs=child_runs, metrics=metrics, table=table,
-                            markdown=markdown, files=files)
+                            markdown=markdown, files=files, reference=reference, intervals=bounds)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -319,11 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated training seeds (default: cfg.training.seed)")
     parser.add_argument("--experiment", default=None,
                         help="MLflow experiment (default: <mlflow.experiment>_comparison)")
+    parser.add_argument("--reference", default=None,
+                        help="model the paired bootstrap differences are taken against "
+                             "(default: mmn when compared, else the first kind)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.config, overrides=args.overrides)
-    result = compare(cfg, args.day, args.kinds.split(","), seeds=args.seeds, experiment=args.experiment)
+    result = compare(cfg, args.day, args.kinds.split(","), seeds=args.seeds, experiment=args.experiment,
+                     reference=args.reference)
     sys.stdout.write(result.markdown)
     json.dump({"comparison_id": result.comparison_id, "parent_run_id": result.parent_run_id,
                "experiment_id": result.experiment_id,

@@ -10,3 +10,8 @@ MODEL_KINDS: tuple[str, ...] = (
     "esmm", "mmoe_type", "mmoe_scen", "ple_type", "ple_scen", "mt_fwfm", "star",
     "dpg_full", "dpg_rowcol", "dpg_row", "dpg_col", "mi_dpg",
 )
+
+# The practitioner's peers (training/peers.py): comparison rows fitted on the same rows as
+# the networks, not zoo networks; tests/test_peers.py checks the fitters match this list.
+PEER_KINDS: tuple[str, ...] = ("lightgbm", "lr_crosses")
+COMPARISON_KINDS: tuple[str, ...] = (*MODEL_KINDS, *PEER_KINDS)

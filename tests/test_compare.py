@@ -15,7 +15,8 @@ from simulation.synthetic import scenario_names, type_names, write_days, write_r
 
 DAY = "2024-04-02"
 N_TYPES, N_SCENARIOS = 2, 2
-KINDS = ["mmn", "dnn", "mi_dpg"]
+KINDS = ["mmn", "dnn", "mi_dpg", "lightgbm", "lr_crosses"]
+PEERS = ["lightgbm", "lr_crosses"]
 SMALL_FEATURES = [
     {"name": "user_id", "kind": "categorical", "buckets": 500},
     {"name": "ad_id", "kind": "categorical", "buckets": 200},
@@ -59,15 +60,32 @@ def test_table_files_have_one_row_per_model(result):
     assert (table.loc["oracle", "overall"] > table.loc[KINDS, "overall"]).all()
     expected = ([f"type/{t}" for t in type_names(N_TYPES)] + ["type_avg"]
                 + [f"scenario/{s}" for s in scenario_names(N_SCENARIOS)]
-                + ["scenario_avg", "domain_avg", "overall", "n_params", "n_domain_param_sets"])
+                + ["scenario_avg", "domain_avg", "observed_domain_avg", "overall", "n_params",
+                   "n_domain_param_sets"])
     assert list(table.columns) == expected  # one seed: no _std columns
     assert table["type_avg"].between(0.3, 1.0).all()
     assert table.loc["mmn", "n_domain_param_sets"] == N_TYPES + N_SCENARIOS + 1
     assert table.loc["dnn", "n_domain_param_sets"] == table.loc["mi_dpg", "n_domain_param_sets"] == 1
+    assert table.loc[PEERS, "n_params"].isna().all()  # peers are not networks
     lines = result.files["markdown"].read_text().splitlines()
     rows = [line for line in lines if line.startswith("| `")]
-    assert [r.split("|")[1].strip() for r in rows] == [f"`{k}`" for k in KINDS]
+    assert [r.split("|")[1].strip() for r in rows[:len(KINDS)]] == [f"`{k}`" for k in KINDS]
     assert "±" not in result.files["markdown"].read_text()
+
+
+def test_bootstrap_intervals_bracket_the_table_and_pair_against_the_reference(result):
+    assert result.reference == "mmn"
+    assert set(result.intervals) == {*KINDS, "oracle"}
+    for kind in KINDS:
+        for column in ("type_avg", "domain_avg", "overall"):
+            iv = result.intervals[kind][column]
+            assert iv.estimate == pytest.approx(result.table.loc[kind, column], abs=1e-9)
+            assert iv.low <= iv.estimate <= iv.high
+        if kind != "mmn":
+            gap = result.intervals[kind]["overall_vs_ref"]
+            expected = result.table.loc[kind, "overall"] - result.table.loc["mmn", "overall"]
+            assert gap.estimate == pytest.approx(expected, abs=1e-9) and gap.low <= gap.high
+    assert "Paired difference (model - `mmn`)" in result.markdown
 
 
 def test_mlflow_parent_and_child_runs(result, data_cfg):
@@ -86,10 +104,14 @@ def test_mlflow_parent_and_child_runs(result, data_cfg):
         filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert sorted(r.data.tags["model_kind"] for r in children) == sorted(KINDS)
     for run in children:
+        kind = run.data.tags["model_kind"]
         assert run.data.tags["comparison_id"] == result.comparison_id
-        assert run.info.run_id == result.child_runs[run.data.tags["model_kind"]][data_cfg.training.seed]
-        for key in ("model/n_params", "model/n_domain_param_sets", "holdout/cvr_auc_type_avg"):
+        assert run.info.run_id == result.child_runs[kind][data_cfg.training.seed]
+        keys = ["holdout/cvr_auc_type_avg", "holdout/cvr_auc"]
+        keys += ["train/rows"] if kind in PEERS else ["model/n_params", "model/n_domain_param_sets"]
+        for key in keys:
             assert key in run.data.metrics, key
+    assert "mmn/overall_ci_low" in parent.data.metrics and "dnn/overall_minus_mmn" in parent.data.metrics
 
 
 def test_table_with_several_seeds_reports_mean_and_std():

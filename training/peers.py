@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,6 @@ from training.data import BucketRange, SampleStream
 
 log = logging.getLogger(__name__)
 
-PEER_KINDS: tuple[str, ...] = ("lightgbm", "lr_crosses")
 READ_BATCH_ROWS = 65_536
 LR_C_GRID = (0.03, 0.1, 0.3, 1.0)  # inverse L2 strength tried on the validation slice
 LR_MAX_ITER = 300
@@ -218,6 +217,24 @@ def fit_lightgbm(train: Rows, val: Rows | None, seed: int, threads: int) -> tupl
 # ------------------------------------------------------------------------ the module
 
 
+def _lightgbm(cfg: PipelineConfig, train: Rows, val: Rows | None, n_types: int, n_scenarios: int,
+              threads: int) -> tuple[BinaryScorer, BinaryScorer, dict]:
+    return fit_lightgbm(train, val, cfg.training.seed, threads)
+
+
+def _lr_crosses(cfg: PipelineConfig, train: Rows, val: Rows | None, n_types: int, n_scenarios: int,
+                threads: int) -> tuple[BinaryScorer, BinaryScorer, dict]:
+    encoder = CrossEncoder(tuple(f.cardinality for f in cfg.features), n_types, n_scenarios)
+    return fit_lr_crosses(encoder, train, val)
+
+
+# Peer kind -> fitter; mmn/model_kinds.py lists the same names torch-free (tests check).
+PEER_FITTERS: dict[str, Callable[..., tuple[BinaryScorer, BinaryScorer, dict]]] = {
+    "lightgbm": _lightgbm,
+    "lr_crosses": _lr_crosses,
+}
+
+
 class PeerModel(nn.Module):
     """A fitted peer behind the zoo models' call signature: (features, type_id, scenario_id)
     -> (p_ctr, p_cvr), so the evaluator scores it exactly as it scores a network."""
@@ -251,17 +268,13 @@ def fit_peer(cfg: PipelineConfig, kind: str, train_days: Sequence[str], *, n_typ
     """Fit ``kind`` on the trainer's training rows of ``train_days``, tuned on its slice."""
     from training.trainer import DEFAULT_MAX_VAL_ROWS, slice_ranges
 
-    if kind not in PEER_KINDS:
-        raise ValueError(f"unknown peer kind {kind!r}; peers: {list(PEER_KINDS)}")
+    if kind not in PEER_FITTERS:
+        raise ValueError(f"unknown peer kind {kind!r}; peers: {sorted(PEER_FITTERS)}")
     started = time.perf_counter()
     ranges = slice_ranges(cfg, train_days, split, holdout_fraction, DEFAULT_MAX_VAL_ROWS)
     train = read_rows(cfg, train_days, ranges.train)
     val = read_rows(cfg, train_days, ranges.validation) if ranges.validation else None
-    if kind == "lightgbm":
-        ctr, cvr, info = fit_lightgbm(train, val, cfg.training.seed, threads)
-    else:
-        encoder = CrossEncoder(tuple(f.cardinality for f in cfg.features), n_types, n_scenarios)
-        ctr, cvr, info = fit_lr_crosses(encoder, train, val)
+    ctr, cvr, info = PEER_FITTERS[kind](cfg, train, val, n_types, n_scenarios, threads)
     seconds = time.perf_counter() - started
     info = {**info, "train/rows": float(len(train)), "train/seconds": seconds,
             "train/samples_per_sec": len(train) / max(seconds, 1e-9)}
