@@ -209,7 +209,8 @@ with registry_lock(plan, timeout_s=30):
 """
 
 
-def test_the_lock_excludes_another_process(cfg):
+def test_the_lock_excludes_another_process_and_dies_with_it(cfg):
+    """Another process holding the lock blocks this one; SIGKILLed, it leaves no stale lock."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, cfg.mlflow.tracking_uri],
                               cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -218,7 +219,7 @@ def test_the_lock_excludes_another_process(cfg):
             with registry_lock(lock_for(cfg), timeout_s=0.3):
                 pass
     finally:
-        holder.stdin.close()
+        holder.kill()  # a gate killed mid-move: the kernel drops its flock with the process
         holder.wait(timeout=60)
     started = time.monotonic()
     with registry_lock(lock_for(cfg), timeout_s=10):
