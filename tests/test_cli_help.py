@@ -107,3 +107,30 @@ def test_pass_through_parsers_match_the_modules_that_run_them():
     theirs = {w.lstrip("[") for w in theirs} - {"--help"}
     assert set(_options(stages["compare"])) == theirs
     assert set(PASSTHROUGH) == {"generate", "validate", "compare"}
+
+
+def test_readme_names_only_real_commands_and_configured_paths():
+    """The README's commands exist (`mmn <command>`, `make <target>`), and its "Where outputs
+    land" table names paths under the configured roots, with the admin password's file."""
+    import re
+
+    from core.config import REPO_ROOT, load_config
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    commands = set(_subparsers(build_parser()))
+    for name in re.findall(r"mmn ([a-z][a-z-]+)", readme):
+        assert name in commands, f"README names `mmn {name}`, which does not exist"
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO_ROOT / "Makefile").read_text(), flags=re.M))
+    for target in re.findall(r"`make ([a-z][a-z-]+)", readme):
+        assert target in targets, f"README names `make {target}`, which the Makefile lacks"
+    section = readme.split("## Where outputs land", 1)[1].split("\n## ", 1)[0]
+    paths = load_config(environ={}).paths
+    roots = {str(p.relative_to(REPO_ROOT)) for p in (paths.raw_root, paths.lake_root, paths.truth_root,
+                                                      paths.reports_root)} | {"data/mlflow", ".airflow"}
+    cells = re.findall(r"`((?:data|\.airflow)/[^`]+)`", section)
+    assert cells and all(any(c.startswith(root) for root in roots) for c in cells), cells
+    for expected in (paths.samples_dir("D"), paths.quarantine_dir("D"), paths.manifest_path("D"), paths.failures_log):
+        assert str(expected.relative_to(REPO_ROOT)) in section
+    assert ".airflow/simple_auth_manager_passwords.json.generated" in section
+    for heading in ("## Comparing models", "## SSIM", "## Troubleshooting", "### The Airflow UI and its admin password"):
+        assert heading in readme
