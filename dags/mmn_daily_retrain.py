@@ -4,7 +4,8 @@ on the holdout day -> gate and promote to the ``champion`` alias (MLflow registr
 The data interval is the previous day (CronDataIntervalTimetable); the impression day built
 is that day minus the label delay, so its conversions have landed. Manual triggers take
 validated params (date, model kind, window, gate overrides, dry run). All logic lives in
-``mmn.tasks``; this file only wires tasks together.
+``mmn.tasks``; this file only wires tasks together, in the order of
+``mmn.orchestration.STEPS`` (which ``mmn.tasks.run_day`` follows too).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import datetime as dt
 
 import pendulum
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import dag, task
+from airflow.sdk import chain, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from core.config import load_config
-from mmn.orchestration import champion_asset, daily_params, default_args, samples_asset
+from mmn.orchestration import STEPS, champion_asset, daily_params, default_args, samples_asset
 from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_conf
 
 CFG = load_config()
@@ -48,7 +49,6 @@ def mmn_daily_retrain() -> None:
         return check(load_config(), day)
 
     day = resolve_day()
-    raw_ready = check_raw_logs(day)
 
     build = SparkSubmitOperator(
         task_id="build_samples",
@@ -90,11 +90,17 @@ def mmn_daily_retrain() -> None:
         return gate_day(load_config(), day, mlflow_run_id, evaluation, dry_run=params["dry_run"],
                         min_delta=params["min_delta"], floor=params["floor"])
 
-    validated = validate(day)
-    raw_ready >> build >> validated
     mlflow_run_id = train(day)
-    validated >> mlflow_run_id
-    gate_and_promote(day, mlflow_run_id, evaluate(day, mlflow_run_id))
-
+    evaluation = evaluate(day, mlflow_run_id)
+    steps = {
+        "resolve_day": day,
+        "check_raw_logs": check_raw_logs(day),
+        "build_samples": build,
+        "validate": validate(day),
+        "train": mlflow_run_id,
+        "evaluate": evaluation,
+        "gate_and_promote": gate_and_promote(day, mlflow_run_id, evaluation),
+    }
+    chain(*(steps[name] for name in STEPS))  # the order written once, shared with run_day
 
 daily_retrain_dag = mmn_daily_retrain()

@@ -9,10 +9,17 @@ import datetime as dt
 import logging
 from typing import Any
 
-from core.config import PipelineConfig
+from core.config import SSIM_MODES, PipelineConfig
 from mmn.model_kinds import MODEL_KINDS
 
 log = logging.getLogger(__name__)
+
+# The daily pipeline's steps in order, written once: the DAG chains its tasks (task ids) in
+# this order and mmn.tasks.run_day runs them in this order.
+STEPS: tuple[str, ...] = (
+    "resolve_day", "check_raw_logs", "build_samples", "validate", "train", "evaluate",
+    "gate_and_promote",
+)
 
 
 def daily_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -33,8 +40,7 @@ def daily_params(cfg: PipelineConfig) -> dict[str, Any]:
                            description="Gate: challenger must beat the champion by this much."),
         "floor": Param(cfg.gate.floor, type="number", minimum=0, maximum=1,
                        description="Gate: absolute floor on the gate metric."),
-        "ssim": Param((cfg.raw.get("ssim") or {}).get("mode", "off"), type="string",
-                      enum=["off", "search", "reuse"],
+        "ssim": Param(cfg.ssim.mode, type="string", enum=list(SSIM_MODES),
                       description="SSIM: off, search (select shared instances, then retrain), "
                                   "reuse (the latest saved shared-instance set)."),
         "dry_run": Param(False, type="boolean",

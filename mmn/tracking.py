@@ -6,8 +6,11 @@ without importing each other.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
+from collections.abc import Mapping
+from typing import Any
 
 from core.config import REPO_ROOT, PipelineConfig
 
@@ -48,3 +51,14 @@ def vocab_lists(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     if not types or not scenarios:
         raise RuntimeError(f"domain vocabularies under {cfg.paths.vocab_dir} are empty: build a day first")
     return types, scenarios
+
+
+def metrics_to_log(metrics: Mapping[str, Any], *, prefix: str = "", per_domain: bool = True,
+                   ) -> dict[str, float]:
+    """The one filter before ``mlflow.log_metrics``: training.metrics.loggable (drops
+    undefined values), then non-finite ones (MLflow stores no NaN/inf); ``per_domain=False``
+    also drops the per-domain breakdown (it goes to the per-domain table artifact)."""
+    from training.metrics import loggable
+
+    kept = {k: v for k, v in metrics.items() if per_domain or "_domain/" not in k}
+    return {f"{prefix}{k}": v for k, v in loggable(kept).items() if math.isfinite(v)}

@@ -9,7 +9,7 @@ import sys
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
 
-from core.config import REPO_ROOT
+from core.config import REPO_ROOT, load_config
 from mmn.demo import load_dag
 
 
@@ -87,3 +87,29 @@ def test_the_dag_submits_the_same_build_job_as_the_cli(dag):
     command = spark_submit_command(cfg, "2026-11-02")
     assert command[command.index(str(BUILD_JOB)) + 1:] == build_job_args(cfg, "2026-11-02")
     assert f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}" in command
+
+
+def test_dag_and_run_day_follow_the_one_step_list(dag, monkeypatch):
+    """The step order is written once (mmn.orchestration.STEPS): the DAG chains its tasks in
+    it and run_day runs them in it."""
+    import mmn.tasks as tasks
+    from mmn.orchestration import STEPS
+
+    assert {t.task_id for t in dag.tasks} == set(STEPS)
+    for before, after in zip(STEPS, STEPS[1:], strict=False):
+        assert after in dag.get_task(before).downstream_task_ids
+
+    calls: list[str] = []
+
+    def fake(name, result=None):
+        return lambda *a, **k: calls.append(name) or result
+
+    monkeypatch.setattr(tasks, "resolve_day", fake("resolve_day", "2026-11-10"))
+    monkeypatch.setattr(tasks, "check_raw_logs", fake("check_raw_logs", 1))
+    monkeypatch.setattr(tasks, "build_day", fake("build_samples"))
+    monkeypatch.setattr(tasks, "validate_day", fake("validate"))
+    monkeypatch.setattr(tasks, "train_day", fake("train", "run-1"))
+    monkeypatch.setattr(tasks, "evaluate_day", fake("evaluate", {"e": 1}))
+    monkeypatch.setattr(tasks, "gate_day", fake("gate_and_promote", {"decision": "dry_run"}))
+    assert tasks.run_day(load_config(), "2026-11-10", dry_run=True) == {"decision": "dry_run"}
+    assert calls == list(STEPS)

@@ -1,0 +1,75 @@
+"""Build (Spark, through spark-submit) and validate (Great Expectations) one day's samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+from core.config import REPO_ROOT, PipelineConfig
+
+BUILD_JOB = REPO_ROOT / "spark_jobs" / "build_samples.py"
+
+
+def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
+    """The exact spark-submit invocation of the build job (used by CLI and tests)."""
+    conf = [arg for key, value in spark_submit_conf(cfg).items() for arg in ("--conf", f"{key}={value}")]
+    return [
+        "spark-submit",
+        "--master", cfg.spark.master,
+        "--driver-memory", cfg.spark.driver_memory,
+        *conf,
+        str(BUILD_JOB),
+        *build_job_args(cfg, day),
+    ]
+
+
+def spark_submit_conf(cfg: PipelineConfig) -> dict[str, str]:
+    """Spark settings passed at submit time (the CLI's spark-submit and the DAG's operator)."""
+    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.jvm_conf()}
+
+
+def build_job_args(cfg: PipelineConfig, day: Any) -> list[Any]:
+    """The build job's arguments; ``day`` may be an Airflow XComArg, resolved at run time."""
+    return ["--day", day, "--config", str(cfg.source)]
+
+
+def build_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    """Run the Spark build job for ``day`` through spark-submit; returns its manifest."""
+    from mmn.airflow_env import airflow_env
+
+    env = {**os.environ, **_spark_env(airflow_env(cfg))}
+    proc = subprocess.run(spark_submit_command(cfg, day), env=env, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Spark build job for {day} failed (exit {proc.returncode}); see its log above")
+    return read_manifest(cfg, day)
+
+
+def _spark_env(env: dict[str, str]) -> dict[str, str]:
+    keys = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_LOCAL_IP", "PATH", "MMN_CONFIG")
+    return {k: env[k] for k in keys}
+
+
+def read_manifest(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    path = cfg.paths.manifest_path(day)
+    if not path.exists():
+        raise FileNotFoundError(f"no build manifest for {day} at {path}: run the build first")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- validate (GX)
+
+
+def validate_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
+    """Run the GX suite; raises ValidationFailed (task fails) on any error-level check."""
+    from validation.runner import validate_or_raise
+
+    report = validate_or_raise(cfg, day)  # logs its own warnings
+    return {
+        "day": day,
+        "success": report.success,
+        "rows": report.n_rows,
+        "warnings": len(report.warnings),
+        "data_docs": str(report.data_docs_index),
+    }
