@@ -123,6 +123,19 @@ def test_per_domain_metrics_skip_undefined_domains():
     assert table["cvr_auc"].isna().tolist() == [False, True, False, True]
 
 
+def test_well_observed_average_keeps_domains_with_enough_conversions():
+    types, scenarios = ["app_install", "purchase"], ["feed", "search"]
+    # app_install/feed: 2 conversions, AUC 0.5; purchase/feed: 1 conversion, AUC 1.0.
+    m = metrics_from_predictions(_predictions(), types, scenarios, min_domain_conversions=1)
+    assert m["cvr_auc_domain_avg_observed"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["n_observed_domains"] == 2
+    m = metrics_from_predictions(_predictions(), types, scenarios, min_domain_conversions=2)
+    assert m["cvr_auc_domain_avg_observed"] == pytest.approx(0.5) and m["n_observed_domains"] == 1
+    m = metrics_from_predictions(_predictions(), types, scenarios, min_domain_conversions=3)
+    assert m["cvr_auc_domain_avg_observed"] is None and m["n_observed_domains"] == 0
+    assert "cvr_auc_domain_avg_observed" not in metrics_from_predictions(_predictions(), types, scenarios)
+
+
 def test_evaluate_with_oracle(tmp_path):
     cfg = load_config(overrides={"paths.lake_root": str(tmp_path / "lake"),
                                  "paths.truth_root": str(tmp_path / "truth"),
