@@ -367,10 +367,10 @@ def cmd_run_day(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from serving.registry import client_for, rollback
+    from serving.registry import client_for, lock_for, rollback
 
     cfg = _cfg(args)
-    restored, demoted = rollback(client_for(cfg), cfg.mlflow.registered_model)
+    restored, demoted = rollback(client_for(cfg), cfg.mlflow.registered_model, lock_for(cfg))
     print(f"champion -> version {restored}; version {demoted} is now 'previous' (tagged rolled_back)")
     return 0
 
