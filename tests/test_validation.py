@@ -19,7 +19,7 @@ import pytest
 
 from core.config import PipelineConfig, load_config
 from core.contracts import CLICK, CONVERSION, SCENARIO_ID, TYPE_ID
-from core.vocab import Vocabulary, save_vocab
+from core.vocab import Vocabulary, load_vocab, save_vocab, stage_vocab
 from validation.baseline import TrailingStats, load_domain_vocab, trailing_days
 from validation.runner import ValidationFailed, main, validate_day, validate_or_raise
 from validation.suite import build_suite, samples_contract
@@ -335,3 +335,59 @@ def test_cli_help() -> None:
     with pytest.raises(SystemExit) as caught:
         main(["--help"])
     assert caught.value.code == 0
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def _stage(cfg: PipelineConfig, day: str, types: list[str]) -> None:
+    stage_vocab(cfg.paths.vocab_dir, day, Vocabulary(cfg.domains.type_field, {v: i for i, v in enumerate(types)}))
+
+
+def _day_with_types(cfg: PipelineConfig, day: str, extra_types: list[str]) -> None:
+    """A day whose samples also hold one row per extra type, ids after the committed ones."""
+    rows = make_rows(cfg, day)
+    for k, value in enumerate(extra_types):
+        row = dict(rows[0])
+        row.update({cfg.logs["impressions"].id_field: f"{day}-extra-{k}", cfg.domains.type_field: value,
+                    TYPE_ID: len(TYPES) + k})
+        rows.append(row)
+    out = cfg.paths.samples_dir(day)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_table(cfg, rows), out / "part-00000.parquet")
+    write_manifest(cfg, day, manifest_for(cfg, day, rows))
+    _stage(cfg, day, TYPES + extra_types)
+
+
+def test_junk_day_fails_on_capacity_and_never_reaches_the_training_vocabulary(tmp_path: Path) -> None:
+    """Issue 17 item 2: the junk day's values are staged with its build, the day fails
+    validation naming them, and the vocabulary training reads never sees them; the next
+    good day validates and commits its own new value only."""
+    cfg = make_cfg(tmp_path, **{"domains.max_types": 6})
+    write_day(cfg, DAY, make_rows(cfg, DAY), trailing=False)  # commits TYPES
+    junk_day, good_day = "2024-01-09", "2024-01-10"
+    junk = [f"junk_{k:02d}" for k in range(3)]
+    _day_with_types(cfg, junk_day, junk)
+    report = validate_day(cfg, junk_day)
+    assert not report.success
+    (err,) = [c for c in report.errors if c.check == f"capacity:{cfg.domains.type_field}"]
+    assert all(value in err.describe() for value in junk) and "capacity 6" in err.describe()
+    with pytest.raises(ValidationFailed, match="junk_02"):
+        validate_or_raise(cfg, junk_day)
+    assert load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values() == TYPES  # training unaffected
+
+    _day_with_types(cfg, good_day, ["video_view"])
+    assert validate_day(cfg, good_day).success
+    assert load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values() == [*TYPES, "video_view"]
+
+
+def test_day_built_on_an_older_vocabulary_than_committed_is_an_error(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    write_day(cfg, DAY, make_rows(cfg, DAY), trailing=False)
+    first, second = "2024-01-09", "2024-01-10"
+    _day_with_types(cfg, first, ["video_view"])
+    _day_with_types(cfg, second, ["add_to_cart"])  # built before `first` was committed: same id
+    assert validate_day(cfg, first).success
+    report = validate_day(cfg, second)
+    assert f"vocab_base:{cfg.domains.type_field}" in checks(report.errors)
+    assert load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).values() == [*TYPES, "video_view"]

@@ -34,7 +34,7 @@ class FailedCheck:
 
     def describe(self) -> str:
         target = f"({self.column})" if self.column else ""
-        return (f"{self.check}: {self.name}{target} observed {_short(self.observed)}"
+        return (f"{self.check}: {self.name}{target} observed {_short(self.observed, 600)}"
                 f" (expected {_short(self.expected, 120)})")
 
     def __str__(self) -> str:

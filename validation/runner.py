@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import PipelineConfig, add_config_arguments, load_config
-from validation.baseline import load_domain_vocab, load_trailing_stats, read_manifest
+from core.vocab import commit_staged_vocab, load_day_vocab, load_vocab, staged_conflict
+from validation.baseline import load_trailing_stats, read_manifest
 from validation.docs import data_docs_dir, write_index
 from validation.gx_context import SuiteRun, gx_lock, run_gx
 from validation.results import (
@@ -38,7 +39,7 @@ from validation.results import (
     without_missing_column_noise,
     write_results,
 )
-from validation.suite import ERROR, WARNING, build_manifest_suite, build_suite, manifest_frame
+from validation.suite import ERROR, WARNING, VocabStatus, build_manifest_suite, build_suite, manifest_frame
 
 __all__ = ["ENGINES", "FailedCheck", "ValidationFailed", "ValidationReport", "main", "validate_day",
            "validate_or_raise"]
@@ -56,7 +57,8 @@ _NULLABLE_INTS = {
 
 def validate_or_raise(cfg: PipelineConfig, day: str, *, engine: str = "pandas"
                       ) -> ValidationReport:
-    """Validate and raise :class:`ValidationFailed` on any error-severity failure."""
+    """Validate and raise :class:`ValidationFailed` on any error-severity failure. On success
+    the day's staged vocabulary is committed (by :func:`validate_day`)."""
     report = validate_day(cfg, day, engine=engine)
     if not report.success:
         raise ValidationFailed(report)
@@ -64,20 +66,26 @@ def validate_or_raise(cfg: PipelineConfig, day: str, *, engine: str = "pandas"
 
 
 def validate_day(cfg: PipelineConfig, day: str, *, engine: str = "pandas") -> ValidationReport:
-    """Run the samples and manifest suites for ``day`` and store results and Data Docs."""
+    """Run the samples and manifest suites for ``day`` and store results and Data Docs.
+
+    The day is checked against the vocabulary its build staged (committed values plus the
+    day's new ones); when it passes, that vocabulary is committed
+    (:func:`core.vocab.commit_staged_vocab`), so only validated days grow the vocabulary
+    training reads. A failed day commits nothing."""
     started = time.perf_counter()
     _check_inputs(cfg, day, engine)
     manifest = read_manifest(cfg, day)
+    vocab, vocab_status = _day_vocab(cfg, day)
     suite, severities = build_suite(
         cfg, day, trailing_stats=load_trailing_stats(cfg, day), manifest=manifest,
-        vocab=load_domain_vocab(cfg), engine=engine,
+        vocab=vocab, engine=engine,
     )
-    m_suite, m_severities = build_manifest_suite(cfg, day)
+    m_suite, m_severities = build_manifest_suite(cfg, day, vocab_fields=list(vocab_status))
     samples, n_rows = _read_samples(cfg, day, engine)
     runs = [
         SuiteRun(suite, severities, f"samples_{engine}", engine, samples),
         SuiteRun(m_suite, m_severities, "manifest", "pandas",
-                  manifest_frame(cfg, day, manifest)),
+                  manifest_frame(cfg, day, manifest, vocab_status)),
     ]
     results, docs_pages = run_gx(cfg, day, runs)
     failed = without_missing_column_noise([
@@ -100,9 +108,30 @@ def validate_day(cfg: PipelineConfig, day: str, *, engine: str = "pandas") -> Va
     write_results(report, results, docs_pages)
     with gx_lock(cfg):
         write_index(cfg)
+    if report.success:
+        for name, values in commit_staged_vocab(cfg.paths.vocab_dir, day).items():
+            log.info("dt=%s committed %d new %s value(s): %s", day, len(values), name, ", ".join(values))
     for check in report.warnings:
         log.warning("dt=%s validation warning %s", day, check.describe())
     return report
+
+
+def _day_vocab(cfg: PipelineConfig, day: str) -> tuple[dict[str, Any], dict[str, VocabStatus]]:
+    """The vocabularies the day's samples were encoded with, and each one's status against
+    the committed vocabulary (size, capacity, the day's new values, a conflict)."""
+    vocab: dict[str, Any] = {}
+    status: dict[str, VocabStatus] = {}
+    capacities = {cfg.domains.type_field: cfg.domains.max_types,
+                  cfg.domains.scenario_field: cfg.domains.max_scenarios}
+    for name, capacity in capacities.items():
+        day_vocab = load_day_vocab(cfg.paths.vocab_dir, day, name)
+        committed = load_vocab(cfg.paths.vocab_dir, name)
+        vocab[name] = day_vocab
+        status[name] = VocabStatus(
+            size=len(day_vocab), capacity=capacity,
+            new_values=tuple(v for v in day_vocab.values() if v not in committed),
+            conflict=staged_conflict(committed, day_vocab))
+    return vocab, status
 
 
 def _check_inputs(cfg: PipelineConfig, day: str, engine: str) -> None:

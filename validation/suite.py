@@ -11,7 +11,8 @@ Errors stop training; warnings are logged. GX's own ``severity`` is set to match
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import great_expectations as gx
@@ -306,19 +307,51 @@ MANIFEST_PATH, MANIFEST_PRESENT, QUARANTINE_SHARE = (
 )
 
 
-def manifest_frame(cfg: PipelineConfig, day: str, manifest: Mapping[str, Any] | None
-                   ) -> pd.DataFrame:
+def vocab_capacity_column(field_name: str) -> str:
+    return f"vocab_over_capacity:{field_name}"
+
+
+def vocab_conflict_column(field_name: str) -> str:
+    return f"vocab_conflict:{field_name}"
+
+
+@dataclass(frozen=True)
+class VocabStatus:
+    """The day's staged vocabulary of one domain field against the committed one."""
+
+    size: int
+    capacity: int
+    new_values: tuple[str, ...] = ()
+    conflict: str | None = None
+
+    def over_capacity(self) -> str | None:
+        """A sentence naming the day's new values when the vocabulary outgrows the model."""
+        if self.size <= self.capacity:
+            return None
+        return (f"{self.size} values, capacity {self.capacity}; new on this day "
+                f"({len(self.new_values)}): {', '.join(self.new_values)}")
+
+
+def manifest_frame(cfg: PipelineConfig, day: str, manifest: Mapping[str, Any] | None,
+                   vocab_status: Mapping[str, VocabStatus] | None = None) -> pd.DataFrame:
     """One-row batch of the build facts the manifest suite checks."""
     share = None if manifest is None else manifest.get("quarantine_share")
-    return pd.DataFrame({
+    frame = {
         MANIFEST_PATH: [str(cfg.paths.manifest_path(day))],
         MANIFEST_PRESENT: [manifest is not None],
         QUARANTINE_SHARE: pd.array([share], dtype="Float64"),
-    })
+    }
+    for name, status in (vocab_status or {}).items():
+        frame[vocab_capacity_column(name)] = pd.array([status.over_capacity()], dtype="string")
+        frame[vocab_conflict_column(name)] = pd.array([status.conflict], dtype="string")
+    return pd.DataFrame(frame)
 
 
-def build_manifest_suite(cfg: PipelineConfig, day: str) -> tuple[gx.ExpectationSuite, Severities]:
-    """Build-level checks on the day's manifest: it exists, and little was quarantined.
+def build_manifest_suite(cfg: PipelineConfig, day: str, vocab_fields: Sequence[str] = ()
+                         ) -> tuple[gx.ExpectationSuite, Severities]:
+    """Build-level checks on the day's manifest: it exists, and little was quarantined; and on
+    the vocabulary the build staged for the day (``vocab_fields``): it fits the model's
+    capacity (else the error names the day's new values) and extends the committed one.
 
     A GX suite validates one batch; these facts live in the manifest, not in the samples,
     so they form a sibling suite validated against :func:`manifest_frame`.
@@ -333,4 +366,9 @@ def build_manifest_suite(cfg: PipelineConfig, day: str) -> tuple[gx.ExpectationS
         f"max:{QUARANTINE_SHARE}", ERROR, gx.expectations.ExpectColumnValuesToBeBetween,
         column=QUARANTINE_SHARE, min_value=0.0, max_value=cfg.validation.max_quarantine_share,
     )
+    for name in vocab_fields:
+        b.add(f"capacity:{name}", ERROR, gx.expectations.ExpectColumnValuesToBeNull,
+              column=vocab_capacity_column(name))
+        b.add(f"vocab_base:{name}", ERROR, gx.expectations.ExpectColumnValuesToBeNull,
+              column=vocab_conflict_column(name))
     return b.build()
