@@ -66,8 +66,11 @@ def test_cross_encoder_one_hot_layout():
                 scenario_id=np.array([1, 0]), click=np.zeros(2, np.int8), conversion=np.zeros(2, np.int8))
     matrix = enc.transform(rows).toarray()
     assert matrix.shape == (2, enc.width) == (2, 7 * 5 + 2 + 2 + 4)
-    assert (matrix.sum(axis=1) == 2 * 3 + 3).all()  # fields, 2 crosses each, 3 domain indicators
-    # row 0: field 0 id 1, field 1 id 2 -> columns 1 and 4 + 2; type 0 crosses at 7 + 0 * 4 + 1 ...
-    assert matrix[0, 1] == matrix[0, 6] == 1
-    assert matrix[0, 7 + 1] == 1 and matrix[0, 7 + 8 + 3 * 0 + 2] == 1
-    assert matrix[1, 7 + 4 + 3] == 1  # type 1's cross of field 0 id 3
+    # fields 1, 4+2 | type crosses 7+0*2+0*4+1, 7+4*2+0*3+2 | scenario crosses 21+0+1*4+1,
+    # 21+4*2+1*3+2 | type 35+0, scenario 35+2+1, (type, scenario) 35+4+0*2+1
+    assert set(np.flatnonzero(matrix[0])) == {1, 6, 8, 17, 26, 34, 35, 38, 40}
+    assert matrix[1, 7 + 0 * 2 + 1 * 4 + 3] == 1  # type 1's cross of field 0, id 3
+    assert (matrix.sum(axis=0) <= 2).all() and (matrix.sum(axis=1) == 9).all()
+    plain = CrossEncoder((4, 3), n_types=2, n_scenarios=2, crosses=False)
+    assert plain.transform(rows).shape == (2, 7 + 2 + 2 + 4)
+    assert set(np.flatnonzero(plain.transform(rows).toarray()[0])) == {1, 6, 7, 10, 12}
