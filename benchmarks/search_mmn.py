@@ -1,0 +1,157 @@
+"""Why MMN trails, measured on a validation day: a one-at-a-time ablation, then Optuna.
+
+Every configuration trains MMN through the daily pipeline's own steps (``train_day`` +
+``evaluate_day``) for the VALIDATION day (its training window: the days before it) and is
+scored on that day's holdout; the holdout day of the accuracy study (the day after) is
+never looked at here, so the setting chosen is reported on days it was not chosen on.
+Each configuration is a nested MLflow run under one parent run of the experiment
+``mmn_search`` (tags ``search_stage`` = ablation | optuna), with its overrides as params.
+
+Objective: the well-observed per-domain average CVR AUC (``cvr_auc_domain_avg_observed``:
+domains with >= evaluation.min_domain_conversions holdout conversions), the average the
+study reports.
+
+    PYTHONPATH=. python benchmarks/search_mmn.py --preset multidomain --impressions 300000 \\
+        --trials 12 --out /tmp/bench/study --json /tmp/bench/study/search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_accuracy import prepare_days, study_days
+
+OBJECTIVE = "cvr_auc_domain_avg_observed"
+EXPERIMENT = "mmn_search"
+
+# One change at a time from the pipeline's configuration at the start of the study.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "no_dynamic_weight": {"model.dynamic_weight": False},
+    "domain_lr_1.0": {"training.domain_lr_scale": 1.0},
+    "direct_cvr_loss_1.0": {"model.cvr_loss_weight": 1.0},
+    "adam_1e-3": {"training.optimizer": "adam", "training.learning_rate": 0.001},
+    "domain_l2_1e-4": {"training.domain_weight_decay": 1e-4},
+    "epochs_1": {"training.epochs": 1},
+    "narrow_towers": {"model.ctr_hidden": [128, 64], "model.cvr_hidden": [128, 64]},
+    "embedding_16": {"model.embedding_dim": 16},
+}
+# The default ablation: every axis the issue names that a single run can move.
+DEFAULT_ABLATION = ("baseline", "no_dynamic_weight", "domain_lr_1.0", "direct_cvr_loss_1.0",
+                    "adam_1e-3", "epochs_1", "narrow_towers")
+TOWERS = {"narrow": [128, 64], "medium": [256, 128], "paper": [512, 256, 128, 128]}
+
+
+def suggest(trial: Any) -> dict[str, Any]:
+    """The search space: the ablation's axes, jointly."""
+    optimizer = trial.suggest_categorical("optimizer", ["adagrad", "adam"])
+    lr_range = (0.003, 0.05) if optimizer == "adagrad" else (3e-4, 3e-3)
+    towers = TOWERS[trial.suggest_categorical("towers", list(TOWERS))]
+    return {
+        "training.optimizer": optimizer,
+        "training.learning_rate": trial.suggest_float("learning_rate", *lr_range, log=True),
+        "training.domain_lr_scale": trial.suggest_float("domain_lr_scale", 0.1, 1.0, log=True),
+        "training.domain_weight_decay": trial.suggest_categorical("domain_weight_decay", [0.0, 1e-5, 1e-4]),
+        "training.epochs": trial.suggest_int("epochs", 1, 3),
+        "model.dynamic_weight": trial.suggest_categorical("dynamic_weight", [True, False]),
+        "model.cvr_loss_weight": trial.suggest_categorical("cvr_loss_weight", [0.0, 0.5, 1.0]),
+        "model.embedding_dim": trial.suggest_categorical("embedding_dim", [10, 16]),
+        "model.ctr_hidden": towers,
+        "model.cvr_hidden": towers,
+    }
+
+
+def evaluate_config(cfg: Any, day: str, overrides: dict[str, Any], *, stage: str, name: str,
+                    parent_id: str) -> dict[str, Any]:
+    """Train MMN with ``overrides`` for ``day`` and score its holdout; one nested run."""
+    from mmn.tasks import evaluate_day, train_day
+
+    trial_cfg = cfg.with_overrides({**overrides, "mlflow.experiment": EXPERIMENT})
+    began = time.monotonic()
+    run_id = train_day(trial_cfg, day, model_kind="mmn", experiment=EXPERIMENT, parent_run_id=parent_id,
+                       extra_tags={"search_stage": stage, "search_config": name,
+                                   "search_overrides": json.dumps(overrides, sort_keys=True)})
+    metrics = evaluate_day(trial_cfg, day, run_id)["challenger"]
+    row = {"stage": stage, "name": name, "overrides": overrides, "run_id": run_id,
+           "seconds": time.monotonic() - began,
+           **{k: metrics.get(k) for k in (OBJECTIVE, "cvr_auc_domain_avg", "cvr_auc_type_avg", "cvr_auc")}}
+    logging.getLogger("search").info("%s %s: %s = %s (%.0f s)", stage, name, OBJECTIVE,
+                                     row[OBJECTIVE], row["seconds"])
+    return row
+
+
+def main() -> None:
+    import mlflow
+    import optuna
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="multidomain")
+    parser.add_argument("--impressions", type=int, default=300_000)
+    parser.add_argument("--train-days", type=int, default=3)
+    parser.add_argument("--start", default="2026-11-01")
+    parser.add_argument("--data-seed", type=int, default=7)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--ablation", default=",".join(DEFAULT_ABLATION),
+                        help=f"ablation names ('' for none) of {sorted(ABLATIONS)}")
+    parser.add_argument("--sampler-seed", type=int, default=0)
+    parser.add_argument("--out", default="/tmp/bench/study")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("mlflow", "alembic", "py4j", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # Days: train window + validation day + the study's holdout day (built, never scored here).
+    days = study_days(args.start, args.train_days + 2)
+    validation_day = days[-2]
+    cfg = prepare_days(Path(args.out) / args.preset, args.preset, args.impressions, days, args.data_seed,
+                       [f"windows.train_window_days={args.train_days}", *args.set])
+    from mmn.tasks import setup_mlflow
+
+    setup_mlflow(cfg, EXPERIMENT)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"validation_day": validation_day, "rows": rows},
+                                                  indent=1, default=str))
+
+    with mlflow.start_run(run_name=f"search {args.preset} {validation_day}",
+                          tags={"validation_day": validation_day, "preset": args.preset}) as parent:
+        for name in [n for n in args.ablation.split(",") if n]:
+            rows.append(evaluate_config(cfg, validation_day, ABLATIONS[name], stage="ablation",
+                                        name=name, parent_id=parent.info.run_id))
+            save()
+        if args.trials > 0:
+            study = optuna.create_study(direction="maximize",
+                                        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed))
+
+            def objective(trial: optuna.Trial) -> float:
+                row = evaluate_config(cfg, validation_day, suggest(trial), stage="optuna",
+                                      name=f"trial_{trial.number}", parent_id=parent.info.run_id)
+                rows.append(row)
+                save()
+                value = row[OBJECTIVE]
+                return float("nan") if value is None else float(value)
+
+            study.optimize(objective, n_trials=args.trials)
+            mlflow.log_params({f"best.{k}": v for k, v in study.best_params.items()})
+            mlflow.log_metric(f"best_{OBJECTIVE}", study.best_value)
+    print(f"{'stage':<9}{'config':<22}{OBJECTIVE:>30}{'domain_avg':>12}{'type_avg':>10}{'seconds':>9}")
+    for row in rows:
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+        print(f"{row['stage']:<9}{row['name']:<22}{fmt(row[OBJECTIVE]):>30}"
+              f"{fmt(row['cvr_auc_domain_avg']):>12}{fmt(row['cvr_auc_type_avg']):>10}{row['seconds']:>9.0f}")
+        if row["stage"] == "optuna":
+            print(f"{'':<31}{json.dumps(row['overrides'], sort_keys=True)}")
+
+
+if __name__ == "__main__":
+    main()
