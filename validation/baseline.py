@@ -53,6 +53,7 @@ class DayStats:
     day: str
     total: Counts
     per_domain: dict[Domain, Counts]
+    missing: dict[str, int] | None = None  # samples with a feature's value missing; None: not recorded
 
     def by_axis(self, axis: int) -> dict[str, Counts]:
         """Counts per conversion type (axis 0) or per display scenario (axis 1)."""
@@ -88,6 +89,12 @@ class TrailingStats:
                 out[value] = out.get(value, Counts()) + counts
         return out
 
+    def missing_share(self, column: str) -> float | None:
+        """A feature column's missing share pooled over the trailing days that recorded it."""
+        days = [d for d in self.days if d.missing is not None and column in d.missing]
+        samples = sum(d.total.samples for d in days)
+        return sum(d.missing[column] for d in days) / samples if samples else None  # type: ignore[index]
+
     def domains(self) -> set[Domain]:
         """Domains with samples on at least one trailing day."""
         return {dom for d in self.days for dom, c in d.per_domain.items() if c.samples > 0}
@@ -115,7 +122,9 @@ def day_stats(cfg: PipelineConfig, manifest: Mapping[str, Any]) -> DayStats:
         int(outputs.get("clicks", sum(c.clicks for c in per_domain.values()))),
         int(outputs.get("conversions", sum(c.conversions for c in per_domain.values()))),
     )
-    return DayStats(day=str(manifest.get("day", "")), total=total, per_domain=per_domain)
+    missing = manifest.get("missing")
+    return DayStats(day=str(manifest.get("day", "")), total=total, per_domain=per_domain,
+                    missing={str(k): int(v) for k, v in missing.items()} if isinstance(missing, Mapping) else None)
 
 
 def trailing_days(day: str, n: int) -> list[str]:
@@ -140,7 +149,8 @@ def load_trailing_stats(cfg: PipelineConfig, day: str) -> TrailingStats:
             skipped.append(f"{prior}: failed validation")
         else:
             stats = day_stats(cfg, manifest)
-            used.append(DayStats(day=prior, total=stats.total, per_domain=stats.per_domain))
+            used.append(DayStats(day=prior, total=stats.total, per_domain=stats.per_domain,
+                                 missing=stats.missing))
     return TrailingStats(days=tuple(used), skipped=tuple(skipped))
 
 

@@ -111,6 +111,7 @@ def build_suite(
     b.note(f"samples of dt={day}")
     _schema_checks(b, cfg, engine)
     _row_checks(b, cfg)
+    _missing_checks(b, cfg, trailing_stats)
     _vocab_checks(b, cfg, vocab)
     today = day_stats(cfg, manifest) if manifest is not None else None
     _manifest_consistency_checks(b, today)
@@ -165,6 +166,28 @@ def _row_checks(b: _Builder, cfg: PipelineConfig) -> None:
               column=feature.column, min_value=0)
         b.add(f"max:{feature.column}", ERROR, gx.expectations.ExpectColumnMaxToBeBetween,
               column=feature.column, max_value=feature.cardinality - 1)
+
+
+def _missing_checks(b: _Builder, cfg: PipelineConfig, trailing: TrailingStats) -> None:
+    """Each feature's missing share (id 0: its field was null, empty or absent; hashing gives
+    a present value an id >= 1): at most ``validation.max_missing_share``, and at most
+    ``validation.missing_share_increase`` above its share on the trailing days. Range checks
+    cannot see a feature that vanished, since id 0 is in range."""
+    ceiling = cfg.validation.max_missing_share
+    increase = cfg.validation.missing_share_increase
+    for feature in cfg.features:
+        column = feature.column
+        if ceiling < 1:
+            b.add(f"missing:{column}", ERROR, gx.expectations.ExpectColumnValuesToNotBeInSet,
+                  column=column, value_set=[0], mostly=_r(1 - ceiling))
+        base = trailing.missing_share(column) if trailing else None
+        if base is None:
+            continue
+        limit = base + increase
+        if limit < min(ceiling, 1.0):
+            b.add(f"missing_drift:{column}", ERROR, gx.expectations.ExpectColumnValuesToNotBeInSet,
+                  column=column, value_set=[0], mostly=_r(1 - limit))
+            b.note(f"{column}: missing share {base:.4f} on trailing days, at most {limit:.4f} today")
 
 
 def _vocab_checks(b: _Builder, cfg: PipelineConfig, vocab: Mapping[str, Vocabulary]) -> None:
