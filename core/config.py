@@ -247,6 +247,8 @@ class Validation:
     drift_tolerance: float
     drift_error_factor: float
     drift_min_clicks: int
+    max_missing_share: float = 0.5  # a feature missing (id 0) on more of a day's samples is an error
+    missing_share_increase: float = 0.2  # error above the trailing days' missing share + this
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,8 @@ class Spark:
     output_files_per_day: int
     compress_cache: bool = True  # Spark's own default, what jobs ran with before the key
     java_options: str | None = None  # None / empty: the JVM's defaults (G1), as before the key
+    event_time_tolerance_minutes: float = 60.0  # event time this far outside its partition's day
+    max_lost_bytes_share: float = 0.05  # corrupt files' share of a log's bytes before the day fails
 
     def jvm_conf(self) -> dict[str, str]:
         """The driver's and executors' JVM options as Spark settings (none when unset)."""

@@ -62,12 +62,14 @@ from core.config import PipelineConfig, add_config_arguments, load_config  # noq
 from core.contracts import DOMAIN_COLUMNS, TS, sample_id_column  # noqa: E402
 from core.raw_inputs import MissingRawLogsError, require_impressions  # noqa: E402
 from spark_jobs.impressions import (  # noqa: E402
+    conflicting_raw,
     hashed_impressions,
     impression_lookup,
     impression_profile,
+    mark_conflicting,
     repeated_impression_ids,
+    stage_vocabs,
     unique_impressions,
-    update_vocabs,
 )
 from spark_jobs.labels import classify_clicks, classify_conversions, click_lookup, label_frame  # noqa: E402
 from spark_jobs.manifest import assemble_manifest, domain_stats, status_counts, summary, warn_capacity  # noqa: E402
@@ -81,7 +83,7 @@ from spark_jobs.outputs import (  # noqa: E402
 )
 from spark_jobs.parse import parse_records  # noqa: E402
 from spark_jobs.reasons import LOGS, AccountingError, MissingInputError  # noqa: E402
-from spark_jobs.sources import log_fields, partition_spans, read_raw, shift  # noqa: E402
+from spark_jobs.sources import RawFiles, log_fields, partition_spans, read_raw, shift  # noqa: E402
 
 
 def configure(spark: SparkSession, cfg: PipelineConfig) -> None:
@@ -117,56 +119,65 @@ def build_day(spark: SparkSession, cfg: PipelineConfig, day: str) -> dict[str, A
     timer = PhaseTimer()
     day = dt.date.fromisoformat(day).isoformat()
     _require_impressions(cfg, day)
-    configure(spark, cfg)
     click_days, conv_days = partition_spans(cfg)
     fields = {log: log_fields(cfg, log) for log in LOGS}
     pattern = cfg.domains.value_pattern
+    tolerance = cfg.spark.event_time_tolerance_minutes
     persisted: list[DataFrame] = []
+    click_part_days = [shift(day, i) for i in range(click_days + 1)]
+    conv_part_days = [shift(day, i) for i in range(conv_days + 1)]
+    other_click_days = [shift(day, i) for i in range(-conv_days - 1, conv_days + 1)
+                        if shift(day, i) not in click_part_days]
+    files = RawFiles(cfg)
+    files.prefetch([("impressions", d) for d in (shift(day, -1), day, shift(day, 1))]
+                   + [("clicks", d) for d in click_part_days + other_click_days]
+                   + [("conversions", d) for d in conv_part_days])
+    files.require_within(cfg.spark.max_lost_bytes_share)
+    configure(spark, cfg)
 
     def keep(df: DataFrame) -> DataFrame:
         persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK_DESER))
         return persisted[-1]
 
     try:
-        raw_imps, imp_parts = read_raw(spark, cfg, "impressions", [day])
-        imps = keep(hashed_impressions(cfg, parse_records(raw_imps, fields["impressions"], pattern),
-                                       fields["impressions"]))
+        raw_imps, imp_parts = read_raw(spark, files, "impressions", [day])
+        parsed_imps = keep(hashed_impressions(
+            cfg, parse_records(raw_imps, fields["impressions"], pattern, tolerance_minutes=tolerance),
+            fields["impressions"]))
+        repeated_ids = keep(repeated_impression_ids(parsed_imps))
+        imps = mark_conflicting(parsed_imps, repeated_ids)
         imp_reasons, domain_pairs = impression_profile(imps, fields["impressions"])
         imp_records = sum(imp_reasons.values())
         if imp_records == 0:
             raise MissingInputError(f"build {day}: the impression files of {day} hold no records")
-        types, scenarios = update_vocabs(cfg, domain_pairs)
+        types, scenarios = stage_vocabs(cfg, day, domain_pairs)
         timer.lap("parse impressions")
-        repeated_ids = keep(repeated_impression_ids(imps))
         unique_imps = keep(unique_impressions(cfg, imps, fields["impressions"], types, scenarios, repeated_ids))
         n_unique = unique_imps.count()
         timer.lap("dedupe and hash")
         imp_keys = unique_imps.select(F.col(sample_id_column(cfg)).alias("ref"), F.col(TS).alias("imp_ts"))
 
-        click_part_days = [shift(day, i) for i in range(click_days + 1)]
-        raw_clicks, click_parts = read_raw(spark, cfg, "clicks", click_part_days)
-        clicks = keep(parse_records(raw_clicks, fields["clicks"], pattern))
+        raw_clicks, click_parts = read_raw(spark, files, "clicks", click_part_days)
+        clicks = keep(parse_records(raw_clicks, fields["clicks"], pattern, tolerance_minutes=tolerance))
         click_refs = keep(clicks.filter(F.col("ref").isNotNull()).select("ref").distinct())
         # Only the impressions some click points to take part in the click join.
         imp_keys = imp_keys.join(F.broadcast(click_refs), "ref", "left_semi")
-        click_status = keep(classify_clicks(clicks, imp_keys, impression_lookup(spark, cfg, imps, day, click_refs),
+        click_status = keep(classify_clicks(clicks, imp_keys, impression_lookup(spark, cfg, files, imps, day, click_refs),
                                             day, cfg.windows.click_window_minutes * 60_000_000))
         click_counts = status_counts(click_status)
         timer.lap("clicks")
 
-        other_click_days = [shift(day, i) for i in range(-conv_days - 1, conv_days + 1)
-                            if shift(day, i) not in click_part_days]
-        raw_convs, conv_parts = read_raw(spark, cfg, "conversions", [shift(day, i) for i in range(conv_days + 1)])
-        convs = keep(parse_records(raw_convs, fields["conversions"], pattern))
+        raw_convs, conv_parts = read_raw(spark, files, "conversions", conv_part_days)
+        convs = keep(parse_records(raw_convs, fields["conversions"], pattern, tolerance_minutes=tolerance))
         conv_status = keep(classify_conversions(convs, click_status,
-                                                click_lookup(spark, cfg, click_status, other_click_days), day,
+                                                click_lookup(spark, cfg, files, click_status, other_click_days), day,
                                                 cfg.windows.attribution_window_hours * 3_600_000_000))
         conv_counts = status_counts(conv_status)
         timer.lap("conversions")
 
         keys = [*DOMAIN_COLUMNS, sample_id_column(cfg)]
         labels = keep(label_frame(cfg, click_status, conv_status))
-        per_domain, outputs = domain_stats(cfg, unique_imps, labels)
+        per_domain, outputs, missing = domain_stats(cfg, unique_imps, labels)
         if outputs["samples"] != n_unique:
             raise AccountingError(f"{outputs['samples']} samples from {n_unique} unique impressions")
         timer.lap("label join")
@@ -178,7 +189,9 @@ def build_day(spark: SparkSession, cfg: PipelineConfig, day: str) -> dict[str, A
         if written != outputs["samples"]:
             raise AccountingError(f"wrote {written} sample rows, expected {outputs['samples']}")
         quarantine_stage = write_staged(
-            quarantine_frame(imps, click_status, conv_status).coalesce(1).sortWithinPartitions(
+            quarantine_frame(imps, click_status, conv_status,
+                             conflicting_raw(raw_imps, repeated_ids, fields["impressions"], pattern, tolerance))
+            .coalesce(1).sortWithinPartitions(
                 "log", "reason", "source_file", "raw"),
             cfg.paths.quarantine_dir(day))
         timer.lap("write")
@@ -189,6 +202,7 @@ def build_day(spark: SparkSession, cfg: PipelineConfig, day: str) -> dict[str, A
                     "conversions": (conv_parts, convs.count())},
             imp_reasons=imp_reasons, samples=outputs["samples"],
             click_counts=click_counts, conv_counts=conv_counts, outputs=outputs, per_domain=per_domain,
+            files=files.report(), missing=missing,
         )
         swap_in(samples_stage, cfg.paths.samples_dir(day))
         swap_in(quarantine_stage, cfg.paths.quarantine_dir(day))

@@ -16,10 +16,10 @@ from pyspark.sql import functions as F
 
 from core.config import FeatureField, PipelineConfig
 from core.contracts import SCENARIO_ID, TS, TYPE_ID, feature_columns, sample_id_column
-from core.vocab import Vocabulary, load_vocab, save_vocab
-from spark_jobs.parse import first_by, value_column
-from spark_jobs.reasons import IMPRESSION_QUARANTINED, OTHER_IMPRESSION_DAY
-from spark_jobs.sources import LogFields, log_fields, read_ids, shift
+from core.vocab import Vocabulary, load_vocab, stage_vocab
+from spark_jobs.parse import first_by, parse_records, value_column
+from spark_jobs.reasons import CONFLICTING_DUPLICATE, IMPRESSION_QUARANTINED, OTHER_IMPRESSION_DAY
+from spark_jobs.sources import LogFields, RawFiles, log_fields, read_ids, shift
 
 # ---------------------------------------------------------------- feature hashing
 
@@ -56,8 +56,10 @@ def impression_profile(imps: DataFrame, fields: LogFields) -> tuple[dict[str | N
     return reasons, pairs
 
 
-def update_vocabs(cfg: PipelineConfig, pairs: Sequence[tuple[str, str]]) -> tuple[Vocabulary, Vocabulary]:
-    """Load both vocabularies, append new values (ids never change) and save if they grew."""
+def stage_vocabs(cfg: PipelineConfig, day: str, pairs: Sequence[tuple[str, str]]) -> tuple[Vocabulary, Vocabulary]:
+    """The committed vocabularies plus the day's new values (ids never change), staged for
+    ``day`` only: validation commits them when the day passes (core.vocab.commit_staged_vocab),
+    so a junk day's values never reach the vocabulary training reads."""
     pattern = re.compile(cfg.domains.value_pattern)
     vocabs = []
     for i, name in enumerate((cfg.domains.type_field, cfg.domains.scenario_field)):
@@ -65,8 +67,8 @@ def update_vocabs(cfg: PipelineConfig, pairs: Sequence[tuple[str, str]]) -> tupl
         seen = {p[i] for p in pairs}
         if any(not pattern.fullmatch(v) for v in seen):
             raise AssertionError(f"{name}: a value passed Spark's pattern check but not Python's")
-        if vocab.extend(seen):
-            save_vocab(cfg.paths.vocab_dir, vocab)
+        vocab.extend(seen)
+        stage_vocab(cfg.paths.vocab_dir, day, vocab)
         vocabs.append(vocab)
     return vocabs[0], vocabs[1]
 
@@ -84,16 +86,53 @@ def hashed_impressions(cfg: PipelineConfig, parsed: DataFrame, fields: LogFields
     keep = ["id", "ts", *[value_column(n) for n in fields.domain_fields], "reason", "content_hash"]
     invalid = F.col("reason").isNotNull()
     return parsed.select(
-        *keep,
+        *keep, fields_hash(parsed, fields).alias("fields_hash"),
         *[F.when(invalid, F.col(c)).alias(c) for c in ("value", "source_file", "part_day")],
         *[feature_id_expr(f, F.col(value_column(f.name))).alias(f.column) for f in cfg.features],
     )
 
 
+def fields_hash(parsed: DataFrame, fields: LogFields) -> Column:
+    """A hash of every parsed contract field but the id: equal for two copies of one record
+    however their lines are spelled (key order, spacing). Each field is hashed on its own
+    first, since Spark's multi-column hash skips nulls and would equate ("a", null) with
+    (null, "a")."""
+    columns = ["ts", *[value_column(n) for n in fields.kinds if n not in (fields.id_field, fields.ts_field)]]
+    return F.xxhash64(*[F.xxhash64(F.col(c)) for c in columns if c in parsed.columns])
+
+
 def repeated_impression_ids(imps: DataFrame) -> DataFrame:
-    """Ids of valid impressions seen more than once (small: duplicates are rare)."""
+    """Ids of valid impressions seen more than once, with ``conflicting``: whether the copies
+    differ in content (small: duplicates are rare)."""
     valid = imps.filter(F.col("reason").isNull())
-    return valid.groupBy("id").count().filter(F.col("count") > 1).select("id")
+    return (valid.groupBy("id")
+            .agg(F.count(F.lit(1)).alias("n"),
+                 (F.min("fields_hash") != F.max("fields_hash")).alias("conflicting"))
+            .filter(F.col("n") > 1).select("id", "conflicting"))
+
+
+def mark_conflicting(imps: DataFrame, repeated_ids: DataFrame) -> DataFrame:
+    """Every valid copy of an id whose copies disagree becomes ``conflicting_duplicate``:
+    which copy is the real impression cannot be told, so none is trained on."""
+    conflicts = F.broadcast(repeated_ids.filter("conflicting").select("id", F.lit(True).alias("_conflict")))
+    marked = imps.join(conflicts, "id", "left")
+    reason = F.when(F.col("reason").isNull() & F.col("_conflict").isNotNull(),
+                    F.lit(CONFLICTING_DUPLICATE)).otherwise(F.col("reason"))
+    return marked.withColumn("reason", reason).drop("_conflict")
+
+
+def conflicting_raw(raw: DataFrame, repeated_ids: DataFrame, fields: LogFields, value_pattern: str,
+                    tolerance_minutes: float | None) -> DataFrame:
+    """The raw lines of the conflicting copies (for the quarantine table: the persisted
+    impressions keep raw text only for records that failed parsing). Lines are picked by
+    a cheap id lookup, then only those are parsed again."""
+    conflict_ids = repeated_ids.filter("conflicting").select(F.col("id").alias("_cid"))
+    line_id = F.get_json_object("value", f"$['{fields.id_field}']")
+    candidates = raw.join(F.broadcast(conflict_ids), line_id == F.col("_cid"), "left_semi")
+    parsed = parse_records(candidates, fields, value_pattern, tolerance_minutes=tolerance_minutes)
+    return (parsed.filter(F.col("reason").isNull())
+            .join(F.broadcast(conflict_ids.withColumnRenamed("_cid", "id")), "id", "left_semi")
+            .select("value", "source_file", F.lit(CONFLICTING_DUPLICATE).alias("reason")))
 
 
 def unique_impressions(cfg: PipelineConfig, imps: DataFrame, fields: LogFields,
@@ -104,8 +143,9 @@ def unique_impressions(cfg: PipelineConfig, imps: DataFrame, fields: LogFields,
     it cached, it is read twice) are ranked; sorting every row by id would cost a full
     shuffle and sort of the day."""
     valid = imps.filter(F.col("reason").isNull())
-    repeated_ids = F.broadcast(repeated_ids)
-    # Copies with equal (ts, content_hash) are the same line: which one is kept doesn't matter.
+    repeated_ids = F.broadcast(repeated_ids.select("id"))
+    # Copies of an id left valid have equal parsed content (mark_conflicting took the others):
+    # which one is kept doesn't matter.
     repeated = first_by(valid.join(repeated_ids, "id", "left_semi"), ["id"], ["ts", "content_hash"], "_rn")
     unique = valid.join(repeated_ids, "id", "left_anti").unionByName(
         repeated.filter(F.col("_rn") == 1).drop("_rn"))
@@ -121,13 +161,13 @@ def unique_impressions(cfg: PipelineConfig, imps: DataFrame, fields: LogFields,
     )
 
 
-def impression_lookup(spark: SparkSession, cfg: PipelineConfig, imps: DataFrame, day: str,
+def impression_lookup(spark: SparkSession, cfg: PipelineConfig, files: RawFiles, imps: DataFrame, day: str,
                       click_refs: DataFrame) -> DataFrame:
     """Ids a click may point to besides day D's valid impressions: quarantined ones of D,
     and those of D-1 and D+1 (``origin`` tells which). Only ids some click refers to are
     kept, by a broadcast semi-join, so two neighbour days of ids are never shuffled."""
     fields = log_fields(cfg, "impressions")
-    neighbours = read_ids(spark, cfg, "impressions", [shift(day, -1), shift(day, 1)], fields.id_field, click_refs)
+    neighbours = read_ids(spark, files, "impressions", [shift(day, -1), shift(day, 1)], fields.id_field, click_refs)
     quarantined = imps.filter(F.col("reason").isNotNull()).select(F.col("id").alias("ref"))
     both = (quarantined.join(F.broadcast(click_refs), "ref", "left_semi")
             .select("ref", F.lit(IMPRESSION_QUARANTINED).alias("origin"))

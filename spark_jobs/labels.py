@@ -34,7 +34,7 @@ from spark_jobs.reasons import (
     REPEAT_CONVERSION,
     USED,
 )
-from spark_jobs.sources import read_ids
+from spark_jobs.sources import RawFiles, read_ids
 
 
 def status_of_invalid(df: DataFrame, day: str) -> DataFrame:
@@ -112,7 +112,7 @@ def classify_clicks(clicks: DataFrame, imp_keys: DataFrame, lookup: DataFrame, d
     return classified.unionByName(others.withColumn("imp_matched", F.lit(False)))
 
 
-def click_lookup(spark: SparkSession, cfg: PipelineConfig, click_status: DataFrame,
+def click_lookup(spark: SparkSession, cfg: PipelineConfig, files: RawFiles, click_status: DataFrame,
                  other_days: Sequence[str]) -> DataFrame:
     """Click ids a conversion may point to besides day D's clicks, with ``kind``:
     other_impression_day (a valid click of another day) or click_invalid."""
@@ -120,7 +120,7 @@ def click_lookup(spark: SparkSession, cfg: PipelineConfig, click_status: DataFra
         F.col("id").alias("ref"),
         F.when(F.col("reason") == OTHER_IMPRESSION_DAY, F.lit(OTHER_IMPRESSION_DAY))
         .otherwise(F.lit(CLICK_INVALID)).alias("kind"))
-    ids = read_ids(spark, cfg, "clicks", other_days, cfg.logs["clicks"].id_field)
+    ids = read_ids(spark, files, "clicks", other_days, cfg.logs["clicks"].id_field)
     elsewhere = ids.select(F.col("id").alias("ref"), F.lit(OTHER_IMPRESSION_DAY).alias("kind"))
     return read.unionByName(elsewhere).groupBy("ref").agg(F.max("kind").alias("kind"))
 

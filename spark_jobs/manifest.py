@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from core.config import PipelineConfig
-from core.contracts import CLICK, CONVERSION, SCENARIO_ID, TYPE_ID, sample_id_column
+from core.contracts import CLICK, CONVERSION, SCENARIO_ID, TYPE_ID, feature_columns, sample_id_column
 from core.vocab import Vocabulary
 from spark_jobs.reasons import DUPLICATE, EXPLAINED, LOGS, QUARANTINED, USED, AccountingError
 
@@ -34,13 +34,19 @@ def _check_invariant(log: str, records: int, used: int, quarantined: dict[str, i
                               f"quarantined + {sum(explained.values())} explained = {total}")
 
 
-def domain_stats(cfg: PipelineConfig, unique_imps: DataFrame, labels: DataFrame) -> tuple[list[dict], dict[str, int]]:
-    """Per-domain and total sample, click and conversion counts, without materializing the
-    samples: impressions counted per domain, labels joined onto (small) clicked ones."""
+def domain_stats(cfg: PipelineConfig, unique_imps: DataFrame, labels: DataFrame
+                 ) -> tuple[list[dict], dict[str, int], dict[str, int]]:
+    """Per-domain and total sample, click and conversion counts, and per feature column the
+    samples whose value is missing (id 0: the hash of a null, empty or absent field), without
+    materializing the samples: impressions counted per domain, labels joined onto (small)
+    clicked ones. Validation checks the missing shares against a ceiling and trailing days."""
     imp_id = sample_id_column(cfg)
     domain = [cfg.domains.type_field, cfg.domains.scenario_field, TYPE_ID, SCENARIO_ID]
-    counts = {tuple(r[c] for c in domain): [int(r["count"]), 0, 0]
-              for r in unique_imps.groupBy(*domain).count().collect()}
+    features = feature_columns(cfg)
+    grouped = unique_imps.groupBy(*domain).agg(
+        F.count(F.lit(1)).alias("count"), *[F.sum((F.col(c) == 0).cast("long")).alias(c) for c in features]).collect()
+    missing = {c: sum(int(r[c] or 0) for r in grouped) for c in features}
+    counts = {tuple(r[c] for c in domain): [int(r["count"]), 0, 0] for r in grouped}
     labelled = (unique_imps.select(imp_id, *domain).join(F.broadcast(labels), imp_id)
                 .groupBy(*domain).agg(F.sum(CLICK).alias("c"), F.sum(CONVERSION).alias("v")).collect())
     for r in labelled:
@@ -49,13 +55,15 @@ def domain_stats(cfg: PipelineConfig, unique_imps: DataFrame, labels: DataFrame)
                    "samples": n, "clicks": c, "conversions": v}
                   for k, (n, c, v) in sorted(counts.items(), key=lambda kv: (kv[0][2], kv[0][3]))]
     outputs = {key: sum(d[key] for d in per_domain) for key in ("samples", "clicks", "conversions")}
-    return per_domain, outputs
+    return per_domain, outputs, missing
 
 
 def assemble_manifest(cfg: PipelineConfig, day: str, *, inputs: dict[str, tuple[list[str], int]],
                       imp_reasons: dict[str | None, int], samples: int,
                       click_counts: dict[str, dict[str, int]], conv_counts: dict[str, dict[str, int]],
-                      outputs: dict[str, int], per_domain: list[dict]) -> dict[str, Any]:
+                      outputs: dict[str, int], per_domain: list[dict],
+                      files: dict[str, Any] | None = None, missing: dict[str, int] | None = None
+                      ) -> dict[str, Any]:
     """The manifest of docs/contracts.md; raises AccountingError if any record is unaccounted."""
     valid_imps = imp_reasons.get(None, 0)
     used = {"impressions": samples, "clicks": click_counts[USED].get("", 0),
@@ -82,7 +90,10 @@ def assemble_manifest(cfg: PipelineConfig, day: str, *, inputs: dict[str, tuple[
         "explained": explained,
         "outputs": outputs,
         "per_domain": per_domain,
+        "missing": missing or {},  # samples per feature column with id 0 (value missing)
         "quarantine_share": round(n_quarantined / records, 6) if records else 0.0,
+        # Every file under the partitions read: read, skipped (with why) or corrupt (with its error).
+        "files": files or {},
     }
 
 
@@ -108,5 +119,10 @@ def summary(manifest: dict[str, Any], phases: dict[str, float], cfg: PipelineCon
         for kind, reasons in (("quarantined", q), ("explained", e)):
             if reasons:
                 lines.append(f"      {kind}: " + ", ".join(f"{r}={n}" for r, n in reasons.items()))
+    for log, files in (manifest.get("files") or {}).items():
+        for entry in files["skipped"]:
+            lines.append(f"  {log}: skipped {entry['file']}: {entry['reason']}")
+        for entry in files["corrupt"]:
+            lines.append(f"  {log}: CORRUPT, not read: {entry['file']}: {entry['error']}")
     lines.append(f"  quarantine share {manifest['quarantine_share']:.4%}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from core.config import PipelineConfig
 from core.contracts import CLICK, CONVERSION, DOMAIN_COLUMNS, TS, feature_columns, sample_id_column
-from spark_jobs.reasons import QUARANTINED
+from spark_jobs.reasons import CONFLICTING_DUPLICATE, QUARANTINED
 
 
 def samples_frame(cfg: PipelineConfig, unique_imps: DataFrame, labels: DataFrame) -> DataFrame:
@@ -31,13 +31,18 @@ def samples_frame(cfg: PipelineConfig, unique_imps: DataFrame, labels: DataFrame
     )
 
 
-def quarantine_frame(imps: DataFrame, click_status: DataFrame, conv_status: DataFrame) -> DataFrame:
-    """log, reason, raw (made valid UTF-8 so any reader can open it), source_file."""
+def quarantine_frame(imps: DataFrame, click_status: DataFrame, conv_status: DataFrame,
+                     conflicting: DataFrame) -> DataFrame:
+    """log, reason, raw (made valid UTF-8 so any reader can open it), source_file.
+
+    ``conflicting`` holds the raw lines of conflicting duplicate impressions: ``imps`` keeps
+    raw text only for records that failed parsing, so their rows come from there."""
     def rows(df: DataFrame, log: str, cond: Column) -> DataFrame:
         return df.filter(cond).select(F.lit(log).alias("log"), "reason",
                                       F.make_valid_utf8("value").alias("raw"), "source_file")
 
-    return (rows(imps, "impressions", F.col("reason").isNotNull())
+    return (rows(imps, "impressions", F.col("reason").isNotNull() & (F.col("reason") != CONFLICTING_DUPLICATE))
+            .unionByName(rows(conflicting, "impressions", F.lit(True)))
             .unionByName(rows(click_status, "clicks", F.col("status") == QUARANTINED))
             .unionByName(rows(conv_status, "conversions", F.col("status") == QUARANTINED)))
 

@@ -3,6 +3,12 @@
 A typed ``from_json`` fast path, and an exact variant-typed check only for the rows where a
 value's JSON type is in doubt (Spark's parser silently turns a number given for a string
 field into text), so the cost of exactness is paid by few rows.
+
+JSON is strict: Spark's parser accepts bare ``NaN`` / ``Infinity`` and ignores anything after
+the first complete object, so non-numeric numbers are switched off and a line must end with
+the object's closing brace; the few lines that might hide a second object or brace after it
+are parsed once more inside a sentinel array (:func:`trailing_garbage`). An event time outside
+its partition's day (plus a tolerance) is a defect of the record too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pyspark.sql import types as T
 
 from spark_jobs.reasons import (
     BAD_TIMESTAMP,
+    EVENT_TIME_OUT_OF_RANGE,
     INVALID_UTF8,
     MALFORMED_JSON,
     MISSING_FIELD,
@@ -28,6 +35,31 @@ CORRUPT = "_corrupt_record"
 ISO_TS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
 NUMERIC_VARIANT = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL\(.*\))$"
 LINE_BREAKS = "[\\n\\r\\u0085\\u2028\\u2029]"
+END_SENTINEL = "#end-of-record"
+DAY_US = 86_400_000_000
+
+
+def trailing_garbage(value: Column) -> Column:
+    """True when text follows the record's JSON object (``{..} x``, ``{..}{..}``, ``{..}}``).
+
+    Spark's JSON parser stops after the first complete value, so the check is done here.
+    Cheap for almost every line: it must end with ``}``. Only lines where a ``}`` is followed
+    by another brace (a nested object at the end, or a glued second object) are parsed again
+    as ``[<line>,"#end-of-record"]``: that array has two elements exactly when nothing but
+    the one object came before the sentinel."""
+    text = F.rtrim(F.translate(value, "\t\r\n", "   "))
+    ends_in_brace = F.substring(text, -1, 1) == "}"
+    in_doubt = text.rlike(r"\}\s*[{}]")
+    wrapped = F.from_json(F.concat(F.lit("["), text, F.lit(f',"{END_SENTINEL}"]')), T.ArrayType(T.VariantType()))
+    sentinel_ok = (F.size(wrapped) == 2) & (F.element_at(wrapped, 2).cast("string") == END_SENTINEL)
+    return ~ends_in_brace | (in_doubt & ~F.coalesce(sentinel_ok, F.lit(False)))
+
+
+def outside_partition_day(ts: Column, part_day: Column, tolerance_us: int) -> Column:
+    """The event time lies outside [part_day 00:00 - tolerance, next day 00:00 + tolerance)."""
+    start = F.unix_micros(F.to_timestamp(part_day))
+    micros = F.unix_micros(ts)
+    return (micros < start - F.lit(tolerance_us)) | (micros >= start + F.lit(DAY_US + tolerance_us))
 
 
 def value_column(name: str) -> str:
@@ -43,8 +75,13 @@ def looks_like_json_literal(text: Column, is_iso_timestamp: Column | None = None
     return maybe if is_iso_timestamp is None else ~is_iso_timestamp & maybe
 
 
-def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> DataFrame:
+def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str, *,
+                  tolerance_minutes: float | None = None) -> DataFrame:
     """Typed columns plus ``reason`` (null when the record keeps the contract).
+
+    ``tolerance_minutes`` (None: no check) bounds how far outside its partition's day
+    (``part_day``) a record's event time may lie before it is quarantined as
+    ``event_time_out_of_range``: a record of 2099 in ``dt=2026-11-10`` is a defect.
 
     Fast path: one typed ``from_json``. Spark's parser turns a number or object given for a
     string field into text silently, so rows where a text field looks like a JSON literal
@@ -54,7 +91,7 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
     ``source_file``, ``part_day``, ``content_hash`` (a deterministic tie-break)."""
     names = list(fields.kinds)
     is_text = [fields.kinds[n] != "number" for n in names]
-    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT, "allowNonNumericNumbers": "false"}
     typed_schema = T.StructType([T.StructField(n, T.StringType() if text else T.DoubleType())
                                  for n, text in zip(names, is_text, strict=True)]
                                 + [T.StructField(CORRUPT, T.StringType())])
@@ -85,10 +122,11 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
         wrong = F.when(F.col("_exact"), ~exact_absent & ~F.coalesce(exact_ok, F.lit(False))).otherwise(False)
         flags += [absent.alias(f"_a{i}"), wrong.alias(f"_w{i}")]
     checked = parsed.select(*keep, "_corrupt", "_cobj", *[f"_v{i}" for i in range(len(names))],
-                            *iso.values(), *flags)
+                            *iso.values(), *flags, trailing_garbage(F.col("value")).alias("_tail"))
 
     missing: list[Column] = []
     bad_ts: list[Column] = []
+    out_of_range: list[Column] = []
     bad_domain: list[Column] = []
     outputs: list[Column] = []
     for i, name in enumerate(names):
@@ -97,6 +135,9 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
         if kind == "timestamp":
             parsed_ts = F.when(iso[i], value.try_cast("timestamp"))
             bad_ts.append(valid_type & parsed_ts.isNull())
+            if tolerance_minutes is not None:
+                out_of_range.append(outside_partition_day(parsed_ts, F.col("part_day"),
+                                                          int(tolerance_minutes * 60_000_000)))
             value = parsed_ts
         if name in fields.required:
             empty = (value == "") if kind == "string" and name not in fields.domain_fields else F.lit(False)
@@ -110,10 +151,11 @@ def parse_records(raw: DataFrame, fields: LogFields, value_pattern: str) -> Data
 
     corrupt = F.col("_corrupt").isNotNull()
     reason = (F.when(~F.is_valid_utf8("value"), F.lit(INVALID_UTF8))
-              .when(corrupt & ~F.col("_cobj"), F.lit(MALFORMED_JSON))
+              .when((corrupt & ~F.col("_cobj")) | F.col("_tail"), F.lit(MALFORMED_JSON))
               .when(any_of(missing), F.lit(MISSING_FIELD))
               .when(any_of([F.col(f"_w{i}") for i in range(len(names))]) | corrupt, F.lit(WRONG_TYPE))
               .when(any_of(bad_ts), F.lit(BAD_TIMESTAMP))
+              .when(any_of(out_of_range), F.lit(EVENT_TIME_OUT_OF_RANGE))
               .when(any_of(bad_domain), F.lit(UNKNOWN_DOMAIN)))
     out = checked.select(*keep, *outputs, reason.alias("reason"))
     ref = F.col(value_column(fields.ref_field)) if fields.ref_field else F.lit(None).cast("string")

@@ -1,15 +1,28 @@
 """What a day's build reads: each log's fields and kinds from the config, which partitions
-can hold a day's clicks and conversions, and the raw records (JSON lines as text, Parquet
-rows turned into JSON) so that one parser sees every record.
+can hold a day's clicks and conversions, which files of a partition are read (and why any
+other is not), and the raw records (JSON lines as text, Parquet rows turned into JSON) so
+that one parser sees every record.
+
+Every file under a partition is accounted for, like every record: read, skipped with a
+reason (a name the contract does not cover, a marker, an empty file) or corrupt (a gzip
+stream that does not decompress to its end, a Parquet file without a readable footer).
+Corrupt files are left out and named with their error in the manifest; the day fails only
+when they hold more than ``spark.max_lost_bytes_share`` of a log's bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import math
+import os
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import reduce
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +31,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import ConfigError, PipelineConfig
-from core.raw_inputs import data_files
+from core.raw_inputs import TEXT_SUFFIXES
+from spark_jobs.reasons import LOGS, CorruptInputError
 
 KIND_OF_TYPE = {"string": "string", "timestamp": "timestamp", "double": "number", "float": "number",
                 "number": "number", "int": "number", "integer": "number", "long": "number", "bigint": "number"}
@@ -73,6 +87,152 @@ def partition_spans(cfg: PipelineConfig) -> tuple[int, int]:
     return click_days, conversion_days
 
 
+SUPPORTED = "not a data file name: read are *.jsonl, *.json (either optionally .gz) and *.parquet, lower case"
+_CHUNK = 1 << 20
+
+
+@dataclass
+class PartitionFiles:
+    """One partition's files: read (text, parquet), skipped and corrupt, with byte counts."""
+
+    text: list[str] = field(default_factory=list)
+    parquet: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    corrupt: list[tuple[str, str, int]] = field(default_factory=list)  # (path, error, bytes)
+    bytes_read: int = 0
+
+
+def _gzip_error(path: str) -> str | None:
+    """Why the gzip file does not decompress to its end (truncated, bad CRC...), or None."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _parquet_error(path: str) -> str | None:
+    try:
+        pq.ParquetFile(path).metadata  # noqa: B018 - reading the footer is the check
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def list_partition(directory: Path) -> PartitionFiles:
+    """Sort a partition's entries into read / skipped (with a reason) / to be checked."""
+    out = PartitionFiles()
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.iterdir()):
+        name = p.name
+        if p.is_dir():
+            out.skipped.append((str(p), "a directory: partitions are read one level deep"))
+        elif name.startswith("."):
+            out.skipped.append((str(p), "hidden file"))
+        elif name.startswith("_"):
+            out.skipped.append((str(p), "marker file"))
+        elif not name.endswith((*TEXT_SUFFIXES, ".parquet")):
+            out.skipped.append((str(p), SUPPORTED))
+        elif p.stat().st_size == 0:
+            out.skipped.append((str(p), "empty file (0 bytes, no records)"))
+        elif name.endswith(".parquet"):
+            out.parquet.append(str(p))
+        else:
+            out.text.append(str(p))
+    return out
+
+
+class RawFiles:
+    """The files a build reads, listed and integrity-checked once per partition.
+
+    Gzip members are decompressed to their end on the driver (in threads: zlib releases the
+    GIL) because Spark reports a truncated stream only as a failed task deep in a trace, and
+    fails the whole day with it; Parquet files must have a readable footer."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.partitions: dict[tuple[str, str], PartitionFiles] = {}
+
+    def partition(self, log: str, day: str) -> PartitionFiles:
+        key = (log, day)
+        if key not in self.partitions:
+            self.partitions[key] = self._check(list_partition(self.cfg.paths.raw_dir(log, day)))
+        return self.partitions[key]
+
+    def prefetch(self, wanted: Sequence[tuple[str, str]]) -> None:
+        """List and check many partitions at once (the checks of all their files in parallel)."""
+        todo = [k for k in dict.fromkeys(wanted) if k not in self.partitions]
+        listed = {k: list_partition(self.cfg.paths.raw_dir(*k)) for k in todo}
+        gz = [p for files in listed.values() for p in files.text if p.endswith(".gz")]
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            errors = dict(zip(gz, pool.map(_gzip_error, gz), strict=True))
+        for key, files in listed.items():
+            self.partitions[key] = self._check(files, errors)
+
+    @staticmethod
+    def _check(files: PartitionFiles, gz_errors: dict[str, str | None] | None = None) -> PartitionFiles:
+        checked = PartitionFiles(skipped=list(files.skipped))
+        for path in files.text:
+            error = (gz_errors[path] if gz_errors is not None and path in gz_errors
+                     else _gzip_error(path) if path.endswith(".gz") else None)
+            _sort(checked, checked.text, path, error)
+        for path in files.parquet:
+            _sort(checked, checked.parquet, path, _parquet_error(path))
+        return checked
+
+    def lost_shares(self) -> dict[str, float]:
+        """Per log: bytes in corrupt files / bytes of all its data files the build touched."""
+        shares = {}
+        for log in LOGS:
+            parts = [f for (lg, _), f in self.partitions.items() if lg == log]
+            lost = sum(b for f in parts for _, _, b in f.corrupt)
+            total = lost + sum(f.bytes_read for f in parts)
+            shares[log] = round(lost / total, 6) if total else 0.0
+        return shares
+
+    def require_within(self, max_share: float) -> None:
+        """Raise CorruptInputError, naming the files, when a log lost more than ``max_share``."""
+        over = {log: s for log, s in self.lost_shares().items() if s > max_share}
+        if over:
+            named = "; ".join(f"{path} ({error})" for (log, _), f in sorted(self.partitions.items())
+                              if log in over for path, error, _ in f.corrupt)
+            shares = ", ".join(f"{log} {s:.2%}" for log, s in over.items())
+            raise CorruptInputError(f"corrupt input files hold {shares} of the bytes read, over "
+                                    f"spark.max_lost_bytes_share={max_share}: {named}")
+
+    def report(self) -> dict[str, Any]:
+        """The manifest's ``files`` section: per log, files read, skipped and corrupt."""
+        root = self.cfg.paths.raw_root
+
+        def rel(path: str) -> str:
+            p = Path(path)
+            return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+        shares = self.lost_shares()
+        out: dict[str, Any] = {}
+        for log in LOGS:
+            parts = sorted((d, f) for (lg, d), f in self.partitions.items() if lg == log)
+            out[log] = {
+                "read": [rel(p) for _, f in parts for p in sorted(f.text + f.parquet)],
+                "skipped": [{"file": rel(p), "reason": r} for _, f in parts for p, r in f.skipped],
+                "corrupt": [{"file": rel(p), "error": e, "bytes": b} for _, f in parts for p, e, b in f.corrupt],
+                "lost_bytes_share": shares[log],
+            }
+        return out
+
+
+def _sort(checked: PartitionFiles, readable: list[str], path: str, error: str | None) -> None:
+    size = os.path.getsize(path)
+    if error is None:
+        readable.append(path)
+        checked.bytes_read += size
+    else:
+        checked.corrupt.append((path, error, size))
+
+
 def _file_path() -> Column:
     return F.col("_metadata.file_path").alias("source_file")
 
@@ -103,7 +263,7 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
     return spark.read.schema(T.StructType(fields)).parquet(path)
 
 
-def read_raw(spark: SparkSession, cfg: PipelineConfig, log: str, days: Sequence[str]) -> tuple[DataFrame, list[str]]:
+def read_raw(spark: SparkSession, files: RawFiles, log: str, days: Sequence[str]) -> tuple[DataFrame, list[str]]:
     """Raw records as text (``value``, ``source_file``, ``part_day``) and the partitions found.
 
     JSON lines are read as text (gzip by extension); a Parquet record becomes the JSON of
@@ -111,7 +271,8 @@ def read_raw(spark: SparkSession, cfg: PipelineConfig, log: str, days: Sequence[
     frames: list[DataFrame] = []
     found: list[str] = []
     for day in days:
-        text, parquet = data_files(cfg.paths.raw_dir(log, day))
+        part = files.partition(log, day)
+        text, parquet = part.text, part.parquet
         if text or parquet:
             found.append(day)
         if text:
@@ -127,13 +288,14 @@ def read_raw(spark: SparkSession, cfg: PipelineConfig, log: str, days: Sequence[
     return raw.filter(F.trim(F.col("value")) != ""), found
 
 
-def read_ids(spark: SparkSession, cfg: PipelineConfig, log: str, days: Sequence[str], id_field: str,
+def read_ids(spark: SparkSession, files: RawFiles, log: str, days: Sequence[str], id_field: str,
              wanted: DataFrame | None = None) -> DataFrame:
     """Only the ids of a log's partitions (for telling a neighbour day's record from an orphan),
     optionally only those in ``wanted`` (a small one-column ``ref`` frame, broadcast)."""
     frames: list[DataFrame] = []
     for day in days:
-        text, parquet = data_files(cfg.paths.raw_dir(log, day))
+        part = files.partition(log, day)
+        text, parquet = part.text, part.parquet
         if text:
             frames.append(spark.read.text(text).select(F.get_json_object("value", f"$['{id_field}']").alias("id")))
         for path in parquet:

@@ -20,7 +20,7 @@ import pytest
 
 from core.config import PipelineConfig, load_config
 from core.hashing import hash_record
-from core.vocab import load_vocab
+from core.vocab import commit_staged_vocab, load_day_vocab, load_vocab
 from tests.spark_fixtures import spark  # noqa: F401
 
 pytest.importorskip("pyspark")
@@ -82,6 +82,7 @@ def lake(spark, tmp_path_factory):  # noqa: F811
     extra_id = add_converting_impression_with_new_type(cfg, D2)
     first = build_day(spark, cfg, D1)
     samples1 = read_samples(cfg, D1)
+    commit_staged_vocab(cfg.paths.vocab_dir, D1)  # what D1's passing validation does
     types_after_d1 = dict(load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).ids)
     second = build_day(spark, cfg, D2)
     rerun = build_day(spark, cfg, D1)
@@ -152,8 +153,8 @@ def reference_labels(cfg: PipelineConfig, day: str) -> dict[str, tuple[int, int]
 def assert_matches_reference(cfg: PipelineConfig, day: str, samples: pa.Table) -> None:
     labels = reference_labels(cfg, day)
     records = {r[cfg.logs["impressions"].id_field]: r for r in raw_records(cfg, "impressions", day)}
-    types = load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field)
-    scenarios = load_vocab(cfg.paths.vocab_dir, cfg.domains.scenario_field)
+    types = load_day_vocab(cfg.paths.vocab_dir, day, cfg.domains.type_field)
+    scenarios = load_day_vocab(cfg.paths.vocab_dir, day, cfg.domains.scenario_field)
     rows = samples.to_pylist()
     assert {r["impression_id"] for r in rows} == set(records)
     for row in rows:
@@ -201,9 +202,15 @@ def test_clean_day_accounts_for_everything(lake) -> None:
     assert m["explained"]["clicks"].get("other_partition", 0) > 0
     assert m["inputs"]["conversions"]["partitions"][0] == D1
     assert sum(d["samples"] for d in m["per_domain"]) == s.num_rows and m["quarantine_share"] == 0.0
+    assert m["missing"] == {c: pc.sum(pc.equal(s.column(c), 0).cast(pa.int64())).as_py() or 0
+                            for c in lake.cfg.feature_columns}
+    assert m["missing"]["feat_user_age"] > 0  # the generator leaves some ages unknown
     on_disk = json.loads(lake.cfg.paths.manifest_path(D1).read_text())
     assert list(on_disk) == ["day", "built_at", "config_hash", "inputs", "used", "quarantined", "explained",
-                             "outputs", "per_domain", "quarantine_share"]
+                             "outputs", "per_domain", "missing", "quarantine_share", "files"]
+    own = [f for f in on_disk["files"]["impressions"]["read"] if f.startswith(f"impressions/dt={D1}/")]
+    assert own == [f"impressions/dt={D1}/part-00000.jsonl"]
+    assert all(not f["corrupt"] and not f["skipped"] for f in on_disk["files"].values())
 
 
 def test_truth_file_covers_every_impression(lake) -> None:
@@ -222,10 +229,12 @@ def test_rerun_reproduces_the_day_exactly(lake) -> None:
 
 def test_vocabulary_ids_stable_when_a_new_value_appears(lake) -> None:
     cfg = lake.cfg
-    types = load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).ids
+    types = load_day_vocab(cfg.paths.vocab_dir, D2, cfg.domains.type_field).ids
     before = lake.types_after_d1
     assert {k: types[k] for k in before} == before  # no existing id moved
     assert types[NEW_TYPE] == len(before)  # the new value got the next id
+    # D2 is not validated: its new value is staged for D2 only, not in what training reads
+    assert load_vocab(cfg.paths.vocab_dir, cfg.domains.type_field).ids == before
     rows = [r for r in lake.samples2.to_pylist() if r["conversion_type"] == NEW_TYPE]
     assert [(r["impression_id"], r["type_id"]) for r in rows] == [(lake.extra_id, len(before))]
 
