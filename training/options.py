@@ -28,8 +28,9 @@ class TrainOptions:
     ``on_step(step)`` runs after each optimizer step (tests inject crashes with it).
     ``num_threads`` sets torch's intra-op threads (1 is fastest on a contended shared box).
     ``step_loss`` replaces the plain step loss (training.hooks.StepLoss; e.g. SSIM reuse).
-    ``inputs`` identifies the training inputs (e.g. manifest content hashes per day): it
-    joins the checkpoint fingerprint, so changed data never resumes an old checkpoint.
+    ``inputs`` identifies inputs beyond the training days (e.g. the holdout day's
+    manifest); with the days' own identity (training.checkpoints.day_identity) and the
+    config hash it joins the checkpoint fingerprint, so changed data never resumes.
     """
 
     model_kind: str | None = None
