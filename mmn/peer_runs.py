@@ -9,7 +9,6 @@ registered or served: the daily DAG's models stay networks unless a user changes
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,6 @@ def run_predictions(cfg: PipelineConfig, day: str, run_id: str) -> pd.DataFrame:
     return holdout_predictions(cfg, day, model, cold_start)
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-
-
 def train_peer_day(cfg: PipelineConfig, day: str, kind: str, *, experiment: str | None = None,
                    extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                    ) -> tuple[str, dict[str, float | None], pd.DataFrame]:
@@ -55,7 +50,8 @@ def train_peer_day(cfg: PipelineConfig, day: str, kind: str, *, experiment: str 
     import mlflow
     import torch
 
-    from mmn.tasks import git_commit, setup_mlflow, training_plan, vocab_lists
+    from mmn.plan import training_plan
+    from mmn.tracking import git_commit, metrics_to_log, setup_mlflow, vocab_lists
     from training.metrics import metrics_from_predictions, per_domain_table
     from training.peers import fit_peer
 
@@ -75,13 +71,13 @@ def train_peer_day(cfg: PipelineConfig, day: str, kind: str, *, experiment: str 
                         split="train" if plan.cold_start else None,
                         holdout_fraction=cfg.windows.cold_start_holdout_fraction,
                         threads=torch.get_num_threads())
-        mlflow.log_metrics(_finite(peer.fit_info))
+        mlflow.log_metrics(metrics_to_log(peer.fit_info))
         predictions = holdout_predictions(cfg, day, peer, plan.cold_start)
         if predictions.empty:
             raise ValueError(f"the holdout of {day} has no rows")
         metrics = metrics_from_predictions(predictions, types, scenarios,
                                            cfg.evaluation.min_domain_conversions)
-        mlflow.log_metrics(_finite({f"holdout/{k}": v for k, v in metrics.items() if "_domain/" not in k}))
+        mlflow.log_metrics(metrics_to_log({f"holdout/{k}": v for k, v in metrics.items() if "_domain/" not in k}))
         mlflow.log_table(per_domain_table(predictions, types, scenarios), "evaluation/per_domain.json")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{kind}.joblib"

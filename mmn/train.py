@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +79,10 @@ def train_day(
     plan = training_plan(cfg, day, window_days)
     types, scenarios = vocab_lists(cfg)
     experiment_id = setup_mlflow(cfg, experiment)
-    fail_stale_runs(experiment_id, day, kind)
+    fail_stale_runs(experiment_id, day, kind, cfg.airflow.train_timeout_minutes)
     tags = {
+        OWNER_HOST: socket.gethostname(),
+        OWNER_PID: str(os.getpid()),
         "data_date": day,
         "training_window": plan.description,
         "model_kind": kind,
@@ -123,11 +127,17 @@ def train_day(
     return run_id
 
 
-def fail_stale_runs(experiment_id: str, day: str, kind: str) -> list[str]:
-    """Mark FAILED the runs of this day and kind still RUNNING in the experiment: a new
-    attempt means they died (SIGKILL, OOM, a lost worker) without closing their run."""
+def fail_stale_runs(experiment_id: str, day: str, kind: str, timeout_minutes: float) -> list[str]:
+    """Mark FAILED the runs of this day and kind left RUNNING by a dead attempt (SIGKILL, OOM,
+    a lost worker). A run is dead when it was started on this host by a process that no
+    longer exists, or (another host, or a run from before the owner tags) when it has been
+    RUNNING longer than the training timeout. Live concurrent runs of the same day and kind
+    (a comparison or a search beside the daily run) are left alone."""
     import os
+    import socket
+    import time
 
+    import psutil
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -137,12 +147,26 @@ def fail_stale_runs(experiment_id: str, day: str, kind: str) -> list[str]:
         filter_string=f"tags.data_date = '{day}' and tags.model_kind = '{kind}' "
                       "and attributes.status = 'RUNNING'",
     )
-    stale = [r.info.run_id for r in found if r.info.run_id != current]
+    host, now_ms = socket.gethostname(), time.time() * 1000
+    stale = []
+    for run in found:
+        if run.info.run_id == current:
+            continue
+        tags = run.data.tags
+        if tags.get(OWNER_HOST) == host and tags.get(OWNER_PID, "").isdigit():
+            dead = not psutil.pid_exists(int(tags[OWNER_PID]))
+        else:
+            dead = now_ms - run.info.start_time > timeout_minutes * 60_000
+        if dead:
+            stale.append(run.info.run_id)
     for run_id in stale:
-        client.set_tag(run_id, "mmn.failed_reason", "stale: still RUNNING when the next attempt started")
+        client.set_tag(run_id, "mmn.failed_reason", "stale: its process died without closing the run")
         client.set_terminated(run_id, status="FAILED")
-        log.warning("marked stale run %s (%s, %s) FAILED: a new attempt started", run_id, kind, day)
+        log.warning("marked stale run %s (%s, %s) FAILED: its process is gone", run_id, kind, day)
     return stale
+
+
+OWNER_HOST, OWNER_PID = "mmn.host", "mmn.pid"  # who runs a RUNNING run (fail_stale_runs)
 
 
 FINISHED_MARKER = "finished.json"

@@ -3,12 +3,25 @@ FAILED by the next attempt of the same day and kind; finished checkpoints are pr
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from core.config import ConfigError, load_config
-from mmn.train import FINISHED_MARKER, checkpoint_dir, fail_stale_runs, mark_finished, prune_checkpoints
+from mmn.train import (
+    FINISHED_MARKER,
+    OWNER_HOST,
+    OWNER_PID,
+    checkpoint_dir,
+    fail_stale_runs,
+    mark_finished,
+    prune_checkpoints,
+)
 
 
 @pytest.fixture()
@@ -18,30 +31,53 @@ def experiment(tmp_path):
     return mlflow.create_experiment("train-task", artifact_location=(tmp_path / "art").as_uri())
 
 
-def _running(experiment: str, day: str, kind: str) -> str:
-    """A run left RUNNING, as a SIGKILLed training leaves it."""
-    return MlflowClient().create_run(experiment, tags={"data_date": day, "model_kind": kind}).info.run_id
+TIMEOUT_MINUTES = 60.0
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _running(experiment: str, day: str, kind: str, pid: int | None = None) -> str:
+    """A run left RUNNING, as a SIGKILLed training leaves it (owner: this host, ``pid``)."""
+    tags = {"data_date": day, "model_kind": kind}
+    if pid is not None:
+        tags |= {OWNER_HOST: socket.gethostname(), OWNER_PID: str(pid)}
+    return MlflowClient().create_run(experiment, tags=tags).info.run_id
 
 
 def test_stale_running_runs_of_the_same_day_and_kind_are_marked_failed(experiment, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    killed = _running(experiment, "2026-11-10", "mmn")
-    other_kind = _running(experiment, "2026-11-10", "dnn")
-    other_day = _running(experiment, "2026-11-09", "mmn")
+    killed = _running(experiment, "2026-11-10", "mmn", pid=_dead_pid())
+    other_kind = _running(experiment, "2026-11-10", "dnn", pid=_dead_pid())
+    other_day = _running(experiment, "2026-11-09", "mmn", pid=_dead_pid())
     with mlflow.start_run(experiment_id=experiment, tags={"data_date": "2026-11-10", "model_kind": "mmn"}):
         pass  # a finished run stays FINISHED
-    assert fail_stale_runs(experiment, "2026-11-10", "mmn") == [killed]
+    assert fail_stale_runs(experiment, "2026-11-10", "mmn", TIMEOUT_MINUTES) == [killed]
     client = MlflowClient()
     stale = client.get_run(killed)
     assert stale.info.status == "FAILED" and "stale" in stale.data.tags["mmn.failed_reason"]
     assert client.get_run(other_kind).info.status == client.get_run(other_day).info.status == "RUNNING"
-    assert fail_stale_runs(experiment, "2026-11-10", "mmn") == []
+    assert fail_stale_runs(experiment, "2026-11-10", "mmn", TIMEOUT_MINUTES) == []
+
+
+def test_a_live_concurrent_run_of_the_same_day_and_kind_is_left_alone(experiment, monkeypatch):
+    """A comparison or a search training the same day and kind beside the daily run."""
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    live = _running(experiment, "2026-11-10", "mmn", pid=os.getpid())
+    untagged_recent = _running(experiment, "2026-11-10", "mmn")  # owner unknown, young
+    assert fail_stale_runs(experiment, "2026-11-10", "mmn", TIMEOUT_MINUTES) == []
+    assert fail_stale_runs(experiment, "2026-11-10", "mmn", 0.0) == [untagged_recent]  # past the timeout
+    assert MlflowClient().get_run(live).info.status == "RUNNING"
 
 
 def test_the_current_mlflow_project_run_is_not_stale(experiment, monkeypatch):
-    own = _running(experiment, "2026-11-10", "mmn")
+    own = _running(experiment, "2026-11-10", "mmn", pid=_dead_pid())
     monkeypatch.setenv("MLFLOW_RUN_ID", own)
-    assert fail_stale_runs(experiment, "2026-11-10", "mmn") == []
+    assert fail_stale_runs(experiment, "2026-11-10", "mmn", TIMEOUT_MINUTES) == []
 
 
 def test_finished_checkpoints_are_pruned_to_the_retention_per_kind(tmp_path):
