@@ -150,6 +150,7 @@ class Model:
     dynamic_weight: bool
     domain_params: str
     cvr_loss_weight: float = 0.0  # direct CVR loss on clicked rows, beside the CTCVR one
+    wide: bool = False  # MMN: add the domain-composed linear term over the feature ids
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,14 @@ def cfg():
 
 
 def _model(cfg, domain_params: str, seed: int = 0) -> MMN:
+    """``domain_params`` "wide": full parameter sets plus the domain-composed wide term."""
     torch.manual_seed(seed)
-    model = MMN.from_config(cfg, N_TYPES, N_SCENARIOS, domain_params=domain_params)
+    wide = domain_params == "wide"
+    model = MMN.from_config(cfg, N_TYPES, N_SCENARIOS, domain_params="full" if wide else domain_params,
+                            wide=wide)
     with torch.no_grad():  # domain deltas start at zero; make every parameter set matter
-        for p in model.cvr_tower.parameters():
+        extra = list(model.wide.parameters()) if wide else []
+        for p in [*model.cvr_tower.parameters(), *extra]:
             p.add_(torch.randn_like(p) * 0.2)
     return model
 
@@ -49,7 +53,7 @@ def _outputs_and_grads(model: MMN, fn, feats, types, scenarios, weights):
     return p_ctr.detach(), p_cvr.detach(), grads
 
 
-@pytest.mark.parametrize("domain_params", ["full", "common_only"])
+@pytest.mark.parametrize("domain_params", ["full", "common_only", "wide"])
 @pytest.mark.parametrize("dense_max", [0, 1024, 10**9])  # all grouped / default mix / all dense
 def test_fast_forward_matches_naive(cfg, domain_params, dense_max, monkeypatch):
     monkeypatch.setattr(mmn_module, "DENSE_MAX_ELEMS", dense_max)
@@ -63,10 +67,14 @@ def test_fast_forward_matches_naive(cfg, domain_params, dense_max, monkeypatch):
     assert fast[2].keys() == naive[2].keys()
     for name in fast[2]:
         torch.testing.assert_close(fast[2][name], naive[2][name], atol=1e-5, rtol=1e-5, msg=name)
-    if domain_params == "full":  # absent type 2 / scenario 1 got exactly zero gradient
+    if domain_params != "common_only":  # absent type 2 / scenario 1 got exactly zero gradient
         assert torch.count_nonzero(fast[2]["cvr_tower.weight_type.0"][2]) == 0
         assert torch.count_nonzero(fast[2]["cvr_tower.weight_scenario.0"][1]) == 0
         assert torch.count_nonzero(fast[2]["cvr_tower.weight_type.0"][0]) > 0
+    if domain_params == "wide":
+        total = model.wide.total
+        by_type = fast[2]["wide.by_type.weight"].view(N_TYPES, total)
+        assert torch.count_nonzero(by_type[2]) == 0 and torch.count_nonzero(by_type[0]) > 0
 
 
 def test_domains_get_different_towers(cfg):
@@ -77,7 +85,7 @@ def test_domains_get_different_towers(cfg):
     assert not torch.allclose(outs[(0, 0)], outs[(0, 1)])
 
 
-@pytest.mark.parametrize("domain_params", ["full", "common_only"])
+@pytest.mark.parametrize("domain_params", ["full", "common_only", "wide"])
 def test_predict_domain_equals_forward_rows(cfg, domain_params):
     model = _model(cfg, domain_params).eval()
     feats, types, scenarios = _batch(cfg)

@@ -116,8 +116,45 @@ class ComposedTower(nn.Module):
         return h.squeeze(-1)
 
 
+class ComposedWide(nn.Module):
+    """A linear term over the one-hot feature ids, composed per domain like the towers:
+    ``w(t, s)[f, id] = w_shared[f, id] + w_type[t][f, id] + w_scenario[s][f, id]``.
+
+    It is logistic regression with type x field and scenario x field crosses inside MMN:
+    the per-domain effects of single field values reach the CVR logit directly instead of
+    through the deep tower, which the accuracy study measured as MMN's gap to a linear
+    model with crosses (docs/benchmarks.md). One gather per parameter set; zero-initialised
+    so training starts from the deep model alone.
+    """
+
+    def __init__(self, cardinalities: Sequence[int], n_types: int, n_scenarios: int) -> None:
+        super().__init__()
+        cards = [int(c) for c in cardinalities]
+        self.total = sum(cards)
+        offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.shared = nn.Embedding(self.total, 1)
+        self.by_type = nn.Embedding(int(n_types) * self.total, 1)
+        self.by_scenario = nn.Embedding(int(n_scenarios) * self.total, 1)
+        for table in (self.shared, self.by_type, self.by_scenario):
+            nn.init.zeros_(table.weight)
+
+    def domain_parameters(self) -> list[nn.Parameter]:
+        return [self.by_type.weight, self.by_scenario.weight]
+
+    def forward(self, features: torch.Tensor, type_id: torch.Tensor, scenario_id: torch.Tensor) -> torch.Tensor:
+        """The wide logit [B] of each row in its own domain (ids checked by the embedding)."""
+        ids = features.long() + self.offsets
+        return (self.shared(ids).sum(dim=(1, 2))
+                + self.by_type(type_id.long().unsqueeze(1) * self.total + ids).sum(dim=(1, 2))
+                + self.by_scenario(scenario_id.long().unsqueeze(1) * self.total + ids).sum(dim=(1, 2)))
+
+
 class MMN(CVRModel):
-    """Shared embedding + CTR tower + domain-composed CVR tower; outputs (p_ctr, p_cvr)."""
+    """Shared embedding + CTR tower + domain-composed CVR tower; outputs (p_ctr, p_cvr).
+
+    With ``wide`` the CVR logit also gets :class:`ComposedWide`'s domain-composed linear term.
+    """
 
     def __init__(
         self,
@@ -129,6 +166,7 @@ class MMN(CVRModel):
         n_scenarios: int,
         domain_params: str = "full",
         field_names: Sequence[str] | None = None,
+        wide: bool = False,
     ) -> None:
         super().__init__(n_types, n_scenarios)
         if domain_params not in DOMAIN_PARAMS:
@@ -139,6 +177,7 @@ class MMN(CVRModel):
         self.cvr_tower = ComposedTower(
             [d_in, *cvr_hidden, 1], n_types, n_scenarios, domain_specific=domain_params == "full"
         )
+        self.wide = ComposedWide(feature_cardinalities, n_types, n_scenarios) if wide else None
         self.predict_cache_size = self.n_types * self.n_scenarios
         self._predict_cache: OrderedDict[tuple[int, int], list[Layer]] = OrderedDict()
         self._cache_versions: tuple[int, ...] | None = None
@@ -146,13 +185,19 @@ class MMN(CVRModel):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
-                    domain_params: str | None = None) -> MMN:
+                    domain_params: str | None = None, wide: bool | None = None) -> MMN:
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types, n_scenarios=n_scenarios,
-                   domain_params=domain_params or cfg.model.domain_params)
+                   domain_params=domain_params or cfg.model.domain_params,
+                   wide=cfg.model.wide if wide is None else wide)
 
     def domain_parameters(self) -> list[nn.Parameter]:
         tower = self.cvr_tower
-        return [*tower.weight_type, *tower.bias_type, *tower.weight_scenario, *tower.bias_scenario]
+        wide = self.wide.domain_parameters() if self.wide is not None else []
+        return [*tower.weight_type, *tower.bias_type, *tower.weight_scenario, *tower.bias_scenario, *wide]
+
+    def _wide_logit(self, features: torch.Tensor, type_id: torch.Tensor,
+                    scenario_id: torch.Tensor) -> torch.Tensor | float:
+        return 0.0 if self.wide is None else self.wide(features, type_id, scenario_id)
 
     @property
     def n_domain_param_sets(self) -> int:
@@ -169,7 +214,8 @@ class MMN(CVRModel):
         self._check_domains(type_id, scenario_id)
         type_id, scenario_id = type_id.long(), scenario_id.long()
         x = self.embedding(features, type_id, scenario_id)
-        return self.ctr_tower(x), torch.sigmoid(self.cvr_tower(x, type_id, scenario_id))
+        logit = self.cvr_tower(x, type_id, scenario_id) + self._wide_logit(features, type_id, scenario_id)
+        return self.ctr_tower(x), torch.sigmoid(logit)
 
     def forward_naive(self, features: torch.Tensor, type_id: torch.Tensor,
                       scenario_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +228,8 @@ class MMN(CVRModel):
             for s in range(self.n_scenarios):
                 mask = ((type_id == t) & (scenario_id == s)).to(x.dtype)
                 tower = self.cvr_tower.composed(t, s)
-                p_cvr = p_cvr + torch.sigmoid(ComposedTower.run(x, tower)) * mask
+                wide = self._wide_logit(features, torch.full_like(type_id, t), torch.full_like(scenario_id, s))
+                p_cvr = p_cvr + torch.sigmoid(ComposedTower.run(x, tower) + wide) * mask
         return self.ctr_tower(x), p_cvr
 
     @torch.no_grad()
@@ -197,7 +244,7 @@ class MMN(CVRModel):
             h = torch.nn.functional.linear(h, weight_t, bias)
             if i < len(layers) - 1:
                 h = torch.relu(h)
-        return self.ctr_tower(x), torch.sigmoid(h.squeeze(-1))
+        return self.ctr_tower(x), torch.sigmoid(h.squeeze(-1) + self._wide_logit(feats, t, s))
 
     def _cached_tower(self, type_id: int, scenario_id: int) -> list[Layer]:
         """Composed (weight [out, in], bias) per layer of one domain, cached per domain."""
@@ -254,8 +301,9 @@ def _build_mmn_plain_loss(cfg: PipelineConfig, n_types: int, n_scenarios: int) -
 
 @register_model("mmn_common_only")
 def _build_mmn_common(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
-    """Ablation: the CVR tower keeps theta_shared alone (no type / scenario deltas)."""
-    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="common_only")
+    """Ablation: the CVR tower keeps theta_shared alone (no type / scenario deltas, no wide
+    term's deltas either: its shared weights only would still be a per-field linear term)."""
+    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="common_only", wide=False)
 
 
 # The MMN paper's configuration, whatever the pipeline's defaults become: CTR + CTCVR loss
@@ -269,4 +317,4 @@ PAPER_TRAINING = {"optimizer": "adagrad", "learning_rate": 0.01, "initial_accumu
 @register_model("mmn_paper", loss_overrides=PAPER_LOSS, training_overrides=PAPER_TRAINING)
 def _build_mmn_paper(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
     """MMN exactly as the paper trains it (full domain parameter sets)."""
-    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="full")
+    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="full", wide=False)
