@@ -18,7 +18,15 @@ from airflow.sdk import chain, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from core.config import load_config
-from mmn.orchestration import STEPS, champion_asset, daily_params, default_args, samples_asset
+from mmn.orchestration import (
+    DAILY_DESCRIPTION,
+    STEPS,
+    TASK_DOCS,
+    champion_asset,
+    daily_params,
+    default_args,
+    samples_asset,
+)
 from mmn.tasks import BUILD_JOB, build_job_args, spark_submit_conf
 
 CFG = load_config()
@@ -26,6 +34,7 @@ CFG = load_config()
 
 @dag(
     dag_id="mmn_daily_retrain",
+    description=DAILY_DESCRIPTION,
     schedule=CronDataIntervalTimetable(CFG.airflow.schedule, timezone="UTC"),
     start_date=pendulum.parse(CFG.airflow.start_date, tz="UTC"),
     catchup=False,
@@ -36,13 +45,13 @@ CFG = load_config()
     doc_md=__doc__,
 )
 def mmn_daily_retrain() -> None:
-    @task(retries=0)
+    @task(retries=0, doc_md=TASK_DOCS["resolve_day"])
     def resolve_day(**context) -> str:
         from mmn.tasks import resolve_day as resolve
 
         return resolve(load_config(), context["params"].get("date"), context.get("data_interval_start"))
 
-    @task(retries=0)
+    @task(retries=0, doc_md=TASK_DOCS["check_raw_logs"])
     def check_raw_logs(day: str) -> int:
         from mmn.tasks import check_raw_logs as check
 
@@ -60,15 +69,17 @@ def mmn_daily_retrain() -> None:
         conf=spark_submit_conf(CFG),
         execution_timeout=dt.timedelta(minutes=CFG.airflow.spark_timeout_minutes),
         outlets=[samples_asset(CFG)],
+        doc_md=TASK_DOCS["build_samples"],
     )
 
-    @task(retries=0)
+    @task(retries=0, doc_md=TASK_DOCS["validate"])
     def validate(day: str) -> dict:
         from mmn.tasks import validate_day
 
         return validate_day(load_config(), day)
 
-    @task(execution_timeout=dt.timedelta(minutes=CFG.airflow.train_timeout_minutes))
+    @task(execution_timeout=dt.timedelta(minutes=CFG.airflow.train_timeout_minutes),
+          doc_md=TASK_DOCS["train"])
     def train(day: str, **context) -> str:
         from mmn.tasks import train_day
 
@@ -76,19 +87,25 @@ def mmn_daily_retrain() -> None:
         return train_day(load_config(), day, model_kind=params["model_kind"],
                          window_days=params["train_window_days"], ssim=params["ssim"])
 
-    @task
+    @task(doc_md=TASK_DOCS["evaluate"])
     def evaluate(day: str, mlflow_run_id: str) -> dict:
         from mmn.tasks import evaluate_day
 
         return evaluate_day(load_config(), day, mlflow_run_id)
 
-    @task(outlets=[champion_asset(CFG)])
+    @task(outlets=[champion_asset(CFG)], doc_md=TASK_DOCS["gate_and_promote"])
     def gate_and_promote(day: str, mlflow_run_id: str, evaluation: dict, **context) -> dict:
-        from mmn.tasks import gate_day
+        import logging
 
-        params = context["params"]
-        return gate_day(load_config(), day, mlflow_run_id, evaluation, dry_run=params["dry_run"],
-                        min_delta=params["min_delta"], floor=params["floor"])
+        from mmn.tasks import gate_day
+        from mmn.tracking import record_gate
+
+        cfg, params = load_config(), context["params"]
+        summary = gate_day(cfg, day, mlflow_run_id, evaluation, dry_run=params["dry_run"],
+                           min_delta=params["min_delta"], floor=params["floor"])
+        url = record_gate(cfg, summary)  # the run's description, the version's description
+        logging.getLogger(__name__).info("gate for %s: %s; MLflow run: %s", day, summary["decision"], url)
+        return {**summary, "mlflow_run_url": url}
 
     mlflow_run_id = train(day)
     evaluation = evaluate(day, mlflow_run_id)

@@ -5,13 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from core.config import PipelineConfig
-from mmn.tracking import metrics_to_log, setup_mlflow, vocab_lists
+from mmn.tracking import (
+    CHAMPION_PREFIX,
+    GATE_MARGIN,
+    axis_table,
+    headline_metrics,
+    logged_model_uri,
+    setup_mlflow,
+    summary_metrics,
+)
 
 EVAL_ARTIFACT = "evaluation/holdout_eval.json"
 
 
 def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
-    """Score the challenger and the current champion on the same holdout; log both."""
+    """Score the challenger and the current champion on the same holdout; log both.
+
+    The run gets a few headline metrics (mmn.tracking.HEADLINE: the challenger's, then the
+    champion's under ``champ_``, and ``gate_margin``), the holdout's aggregates under
+    ``holdout/``, the per-type / per-scenario / per-domain detail as logged tables, the
+    evaluation JSON and the per-domain plots.
+    """
     import mlflow
 
     from serving.plots import log_domain_plots
@@ -21,19 +35,23 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
 
     setup_mlflow(cfg)
     # The holdout must match what training left out: the run records whether it split day D.
-    cold_start = mlflow.get_run(run_id).data.tags.get("cold_start") == "true"
-    challenger = load_serving_model(f"runs:/{run_id}/model")
+    run = mlflow.get_run(run_id)
+    cold_start = run.data.tags.get("cold_start") == "true"
+    challenger = load_serving_model(logged_model_uri(run))
     challenger_metrics, table = _score(cfg, challenger, day, cold_start)
     client = client_for(cfg)
-    champion_version = alias_version(client, cfg.mlflow.registered_model, CHAMPION)
-    champion_metrics, champion_note = None, "no champion yet"
+    name = cfg.mlflow.registered_model
+    champion_version = alias_version(client, name, CHAMPION)
+    champion_metrics, champion_table, champion_note = None, None, "no champion yet"
     if champion_version is not None:
-        champion = load_serving_model(f"models:/{cfg.mlflow.registered_model}@{CHAMPION}")
-        reason = _incompatibility(cfg, champion, *vocab_lists(cfg))
+        # Load the version the alias named when read, not the alias: if it moves meanwhile,
+        # the scores still belong to the version recorded (and the gate refuses the move).
+        champion = load_serving_model(f"models:/{name}/{champion_version}")
+        reason = _incompatibility(cfg, champion, holdout_domain_ids(cfg, day))
         if reason:
             champion_note = f"champion v{champion_version} not comparable: {reason}"
         else:
-            champion_metrics, _ = _score(cfg, champion, day, cold_start)
+            champion_metrics, champion_table = _score(cfg, champion, day, cold_start)
             champion_note = f"champion v{champion_version} scored on the same holdout"
     conversions = gate_conversions(challenger_metrics)
     result = {
@@ -46,17 +64,63 @@ def evaluate_day(cfg: PipelineConfig, day: str, run_id: str) -> dict[str, Any]:
         "champion_note": champion_note,
         "conversions": conversions,
     }
+    types, scenarios = challenger.bundle.types, challenger.bundle.scenarios
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics_to_log(challenger_metrics, prefix="holdout/", per_domain=False))
+        mlflow.log_metrics({**headline_metrics(challenger_metrics), **summary_metrics(challenger_metrics)})
         if champion_metrics:
-            mlflow.log_metrics(metrics_to_log(champion_metrics, prefix="champion_holdout/", per_domain=False))
+            mlflow.log_metrics(headline_metrics(champion_metrics, prefix=CHAMPION_PREFIX))
+            margin = gate_margin(cfg, challenger_metrics, champion_metrics)
+            if margin is not None:
+                mlflow.log_metric(GATE_MARGIN, margin)
         undefined = sorted(k for k, v in challenger_metrics.items() if v is None)
         mlflow.set_tag("holdout.undefined_metrics", ",".join(undefined)[:4900] or "none")
+        mlflow.set_tag("holdout.champion", champion_note)
+        mlflow.set_tag("mlflow.note.content", evaluation_note(cfg, result))
         mlflow.log_dict(result, EVAL_ARTIFACT)
-        mlflow.log_table(table, "evaluation/per_domain.json")
-        log_domain_plots(challenger_metrics, table, types=challenger.bundle.types,
-                         scenarios=challenger.bundle.scenarios)
+        mlflow.log_table(domain_table(table, champion_table), "evaluation/per_domain.json")
+        mlflow.log_table(axis_table(challenger_metrics, champion_metrics, "type", types),
+                         "evaluation/per_type.json")
+        mlflow.log_table(axis_table(challenger_metrics, champion_metrics, "scenario", scenarios),
+                         "evaluation/per_scenario.json")
+        log_domain_plots(challenger_metrics, table, types=types, scenarios=scenarios,
+                         champion=champion_metrics,
+                         champion_label=f"champion v{champion_version}" if champion_metrics else None)
     return result
+
+
+def gate_margin(cfg: PipelineConfig, challenger: dict[str, Any], champion: dict[str, Any]) -> float | None:
+    """The challenger's gate metric minus the champion's (None when either is undefined)."""
+    mine, theirs = challenger.get(cfg.gate.metric), champion.get(cfg.gate.metric)
+    if mine is None or theirs is None:
+        return None
+    return float(mine) - float(theirs)
+
+
+def evaluation_note(cfg: PipelineConfig, result: dict[str, Any]) -> str:
+    """The run description after evaluation (the gate replaces it with its decision)."""
+    metric = cfg.gate.metric
+    mine = result["challenger"].get(metric)
+    text = f"Impression day {result['day']}: challenger {metric} = {_fmt(mine)} on the holdout"
+    if result["champion"]:
+        theirs = result["champion"].get(metric)
+        text += f", champion v{result['champion_version']} {_fmt(theirs)}"
+    else:
+        text += f" ({result['champion_note']})"
+    return text + "; gate not applied yet."
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
+
+
+def domain_table(table: Any, champion_table: Any | None) -> Any:
+    """The per-domain table with the champion's CVR AUC beside the challenger's."""
+    out = table.copy()
+    if champion_table is not None and len(champion_table):
+        theirs = champion_table.set_index(["type_id", "scenario_id"])["cvr_auc"]
+        keys = list(zip(out["type_id"], out["scenario_id"], strict=True))
+        out["champion_cvr_auc"] = [theirs.get(k) for k in keys]
+    return out
 
 
 def _score(cfg: PipelineConfig, serving: Any, day: str, cold_start: bool) -> tuple[dict, Any]:
@@ -76,14 +140,34 @@ def _score(cfg: PipelineConfig, serving: Any, day: str, cold_start: bool) -> tup
     return metrics, per_domain_table(predictions, types, scenarios)
 
 
-def _incompatibility(cfg: PipelineConfig, champion: Any, types: list[str], scenarios: list[str]) -> str | None:
-    """Why the champion can't score today's rows: changed hashing/features, or new domains."""
+def holdout_domain_ids(cfg: PipelineConfig, day: str) -> tuple[int, int]:
+    """The largest conversion type id and scenario id in the day's samples (-1 when empty)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from core.contracts import SCENARIO_ID, TYPE_ID
+
+    table = ds.dataset(str(cfg.paths.samples_dir(day)), format="parquet").to_table(
+        columns=[TYPE_ID, SCENARIO_ID])
+    if table.num_rows == 0:
+        return -1, -1
+    return int(pc.max(table[TYPE_ID]).as_py()), int(pc.max(table[SCENARIO_ID]).as_py())
+
+
+def _incompatibility(cfg: PipelineConfig, champion: Any, holdout_ids: tuple[int, int]) -> str | None:
+    """Why the champion can't score the holdout: changed hashing or features, or holdout rows
+    of a conversion type or scenario it has no parameters for. A vocabulary that grew is not
+    a reason by itself: the ids are append-only, so it scores rows of the domains it knows."""
     if [vars(f) for f in champion.cfg.features] != [vars(f) for f in cfg.features]:
         return "feature fields or buckets changed"
     if champion.cfg.hashing != cfg.hashing:
         return "hashing changed"
-    if len(types) > champion.model.n_types or len(scenarios) > champion.model.n_scenarios:
-        return "new conversion types or scenarios appeared since it was trained"
+    max_type, max_scenario = holdout_ids
+    n_types = min(champion.model.n_types, len(champion.bundle.types))
+    n_scenarios = min(champion.model.n_scenarios, len(champion.bundle.scenarios))
+    if max_type >= n_types or max_scenario >= n_scenarios:
+        return (f"the holdout has conversion types or scenarios it was not trained on (ids up to "
+                f"{max_type}/{max_scenario}; it knows {n_types} types, {n_scenarios} scenarios)")
     return None
 
 

@@ -22,6 +22,69 @@ STEPS: tuple[str, ...] = (
 )
 
 
+DAILY_DESCRIPTION = (
+    "Daily CVR retrain of one impression day D (the data interval's day minus the label "
+    "delay): Spark build -> GX validation -> train -> holdout evaluation against the "
+    "champion -> gate on the MLflow `champion` alias."
+)
+
+# What each task reads and writes (the task's doc_md, shown on its page in the Airflow UI).
+TASK_DOCS: dict[str, str] = {
+    "resolve_day": "**Reads** the run's data interval, or the `date` param. **Writes** nothing; "
+                   "returns the impression day D = interval day − `windows.label_delay_days`.",
+    "check_raw_logs": "**Reads** `<raw_root>/impressions/dt=D/`. **Writes** nothing; fails in "
+                      "seconds, naming the folder, when the day has no impression files.",
+    "build_samples": "spark-submit `spark_jobs/build_samples.py --day D`. **Reads** impressions "
+                     "of D, clicks and conversions of D and the following days the windows reach. "
+                     "**Writes** `<lake_root>/samples/dt=D/` (Parquet), `quarantine/dt=D/`, "
+                     "`manifests/dt=D.json` and the staged vocabulary `vocab/staged/dt=D/`.",
+    "validate": "Great Expectations on the day's samples and manifest. **Reads** the samples, "
+                "manifest and staged vocabulary of D and the trailing days' manifests. **Writes** "
+                "`<lake_root>/validation/dt=D/results.json`, the Data Docs under "
+                "`<reports_root>/data_docs/` and, when D passes, the new domain values to "
+                "`vocab/*.json`. Error checks fail the task.",
+    "train": "**Reads** the samples of the training window before D (a hash split of D on a cold "
+             "start) and the committed vocabulary. **Writes** an MLflow run (params, training "
+             "curves, dataset inputs, the day's Data Docs page, the serving model) and "
+             "checkpoints under `<reports_root>/checkpoints/`; returns the MLflow run id.",
+    "evaluate": "**Reads** the run's model, the `champion` version (loaded by its number) and the "
+                "samples of D (the holdout). **Writes** to the run: headline AUCs (`auc_*`, the "
+                "champion's `champ_auc_*`, `gate_margin`), `holdout/*` aggregates, per-type / "
+                "per-scenario / per-domain tables and plots, `evaluation/holdout_eval.json`.",
+    "gate_and_promote": "**Reads** the evaluation. **Writes** a registered model version with the "
+                        "decision in its tags and description; on a pass moves `champion` (the "
+                        "former keeps `previous`); the gate report on the run and in "
+                        "`<reports_root>/gate/`; the run's description. Its log and return value "
+                        "carry the MLflow run's URL.",
+}
+
+
+def mlflow_ui_base(cfg: PipelineConfig) -> str:
+    """The MLflow UI's address: $MMN_MLFLOW_UI_URL, a server tracking URI itself, else the
+    local `make mlflow-ui` default."""
+    import os
+
+    configured = os.environ.get("MMN_MLFLOW_UI_URL")
+    if configured:
+        return configured.rstrip("/")
+    if cfg.mlflow.tracking_uri.startswith(("http://", "https://")):
+        return cfg.mlflow.tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def mlflow_run_url(cfg: PipelineConfig, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run."""
+    return f"{mlflow_ui_base(cfg)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_note(summary: dict[str, Any], url: str | None = None) -> str:
+    """A DAG run's note (Markdown): the impression day, the gate decision, the MLflow run."""
+    version = f" (v{summary['version']})" if summary.get("version") else ""
+    note = (f"Impression day **{summary.get('day')}**: {summary.get('decision', '?')}{version}. "
+            f"{summary.get('reason', '')}")
+    return f"{note}\n\nMLflow run: {url}" if url else note
+
+
 def daily_params(cfg: PipelineConfig) -> dict[str, Any]:
     """Validated params of a manual trigger; defaults come from the pipeline config."""
     from airflow.sdk import Param

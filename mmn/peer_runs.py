@@ -32,10 +32,12 @@ def run_predictions(cfg: PipelineConfig, day: str, run_id: str) -> pd.DataFrame:
     """Holdout predictions of a logged network run (its serving model, its holdout rule)."""
     import mlflow
 
+    from mmn.tracking import logged_model_uri
     from serving.pyfunc import load_serving_model
 
-    cold_start = mlflow.get_run(run_id).data.tags.get("cold_start") == "true"
-    model = load_serving_model(f"runs:/{run_id}/model").model
+    run = mlflow.get_run(run_id)
+    cold_start = run.data.tags.get("cold_start") == "true"
+    model = load_serving_model(logged_model_uri(run)).model
     return holdout_predictions(cfg, day, model, cold_start)
 
 

@@ -13,7 +13,14 @@ from typing import Any
 
 from core.config import PipelineConfig
 from mmn.plan import TrainingPlan, training_plan
-from mmn.tracking import git_commit, metrics_to_log, setup_mlflow, vocab_lists
+from mmn.tracking import (
+    git_commit,
+    log_day_datasets,
+    logged_model_name,
+    metrics_to_log,
+    setup_mlflow,
+    vocab_lists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +102,15 @@ def train_day(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    # The run's description until evaluate and the gate replace it with their outcome.
+    tags["mlflow.note.content"] = (
+        f"{kind} trained for impression day {day} ({plan.description}); holdout: "
+        f"{'a hash split of ' + day if plan.cold_start else day}. Not evaluated yet."
+    )
     with mlflow.start_run(run_name=f"{kind} {day}", tags=tags) as run:
         mlflow.log_params(_flat_params(cfg, kind, plan))
         _log_day_inputs(cfg, day, plan)
+        log_day_datasets(cfg, list(plan.train_days), day, day_identity)
         result = train(cfg, plan.train_days, TrainOptions(
             model_kind=kind,
             split="train" if plan.cold_start else None,
@@ -119,7 +132,7 @@ def train_day(
             types=types, scenarios=scenarios,
         )
         example = pd.DataFrame(example_records(cfg, day, types, scenarios))
-        info = log_serving_model(cfg, result.model, bundle, example)
+        info = log_serving_model(cfg, result.model, bundle, example, name=logged_model_name(kind))
         mlflow.set_tag("model_uri", info.model_uri)
         run_id = run.info.run_id
     mark_finished(cfg, kind, day, run_id)
@@ -233,8 +246,13 @@ def _flat_params(cfg: PipelineConfig, kind: str, plan: TrainingPlan) -> dict[str
 
 
 def _log_day_inputs(cfg: PipelineConfig, day: str, plan: TrainingPlan) -> None:
-    """Attach the build manifests and the day's validation results / Data Docs to the run."""
+    """Attach the build manifests, the day's validation results and the day's Data Docs page
+    (one self-contained HTML file, validation.docs.write_day_page) to the run."""
+    import tempfile
+
     import mlflow
+
+    from validation.docs import write_day_page
 
     for d in sorted({*plan.train_days, day}):
         manifest = cfg.paths.manifest_path(d)
@@ -243,6 +261,7 @@ def _log_day_inputs(cfg: PipelineConfig, day: str, plan: TrainingPlan) -> None:
     results = cfg.paths.validation_dir(day)
     if results.is_dir():
         mlflow.log_artifacts(str(results), artifact_path="validation")
-    docs = cfg.paths.reports_root / "data_docs"
-    if docs.is_dir():
-        mlflow.log_artifacts(str(docs), artifact_path="data_docs")
+    with tempfile.TemporaryDirectory() as tmp:
+        page = write_day_page(cfg, day, Path(tmp))
+        if page is not None:
+            mlflow.log_artifact(str(page), artifact_path="data_docs")

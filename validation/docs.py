@@ -63,6 +63,26 @@ def write_index(cfg: PipelineConfig) -> Path:
     return index
 
 
+def write_day_page(cfg: PipelineConfig, day: str, out_dir: Path) -> Path | None:
+    """One day's validation as a self-contained page ``<out_dir>/dt=<day>.html`` (inline
+    style, no links to other files: it is what the day's MLflow run shows, and MLflow's
+    artifact viewer cannot follow relative links). None when the day has no stored results."""
+    path = cfg.paths.validation_dir(day) / "results.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    body = ["<h1>Samples validation</h1>", _overview([result]), _day_section(result, links=False)]
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Validation dt={_e(day)}</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"dt={day}.html"
+    _atomic_write(target, page)
+    return target
+
+
 def _overview(days: Iterable[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td><a href='#dt={_e(d['day'])}'>{_e(d['day'])}</a></td>{_status(d)}"
@@ -82,14 +102,18 @@ def _status(d: dict[str, Any]) -> str:
     return "<td class='bad'>FAILED</td>"
 
 
-def _day_section(d: dict[str, Any]) -> str:
-    links = " ".join(
-        f"<a href='{_e(path)}'>{_e(suite)}</a>" for suite, path in d.get("docs_pages", {}).items()
-    )
+def _day_section(d: dict[str, Any], links: bool = True) -> str:
+    """A day's checks; ``links=False`` names the GX pages (under the local Data Docs folder)
+    as text instead of relative links, for a page read outside that folder."""
+    pages = d.get("docs_pages", {}).items()
+    if links:
+        listed = " ".join(f"<a href='{_e(path)}'>{_e(suite)}</a>" for suite, path in pages)
+    else:
+        listed = " ".join(f"{_e(suite)} (<code>data_docs/{_e(path)}</code>)" for suite, path in pages)
     parts = [
         f"<h2 id='dt={_e(d['day'])}'>dt={_e(d['day'])} — "
         f"{'passed' if d.get('success') else 'FAILED'}</h2>",
-        f"<p>GX validation pages: {links} · validated at {_e(d.get('validated_at', ''))} "
+        f"<p>GX validation pages: {listed} · validated at {_e(d.get('validated_at', ''))} "
         f"with {_e(d.get('engine', ''))} in {d.get('seconds', 0):.1f}s</p>",
         _checks_table("Errors", "bad", d.get("errors", [])),
         _checks_table("Warnings", "warn", d.get("warnings", [])),
