@@ -126,11 +126,12 @@ def test_zoo_kinds_and_parameter_sets(cfg):
     assert set(available_models()) == set(MODEL_KINDS)
     feats, types, scenarios = _batch(cfg, n=10)
     expected_sets = {"mmn": N_TYPES + N_SCENARIOS + 1, "mmn_no_dynamic_weight": N_TYPES + N_SCENARIOS + 1,
-                     "mmn_common_only": 1, "dnn": 1}
+                     "mmn_paper": N_TYPES + N_SCENARIOS + 1, "mmn_common_only": 1, "dnn": 1}
+    dynamic = {"mmn_paper": True, "mmn_no_dynamic_weight": False}  # pinned; others: the config's
     for kind, n_sets in expected_sets.items():
         model = build_model(cfg, N_TYPES, N_SCENARIOS, kind)
         assert model.kind == kind and model.n_domain_param_sets == n_sets
-        assert loss_config(cfg, model).dynamic_weight == (kind != "mmn_no_dynamic_weight")
+        assert loss_config(cfg, model).dynamic_weight == dynamic.get(kind, cfg.model.dynamic_weight)
         p_ctr, p_cvr = model(feats, types, scenarios)
         assert p_ctr.shape == p_cvr.shape == (10,)
         assert ((p_cvr > 0) & (p_cvr < 1)).all()
@@ -164,7 +165,9 @@ def test_domain_lr_scale_gives_mmn_deltas_their_own_learning_rate(cfg):
     assert [g["lr"] for g in groups] == [pytest.approx(cfg.training.learning_rate),
                                          pytest.approx(cfg.training.learning_rate * 0.1)]
     deltas = {id(p) for p in groups[1]["params"]}
-    assert deltas == {id(p) for p in model.domain_parameters()} and len(deltas) == 4 * model.cvr_tower.n_layers
+    wide = 2 if model.wide is not None else 0  # the wide term's type and scenario tables
+    assert deltas == {id(p) for p in model.domain_parameters()}
+    assert len(deltas) == 4 * model.cvr_tower.n_layers + wide
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
     # A model without domain-specific parameters, or scale 1, keeps one group.
     assert len(parameter_groups(scaled, build_model(scaled, 3, 2, "dnn"))) == 1

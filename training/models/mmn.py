@@ -314,7 +314,13 @@ PAPER_TRAINING = {"optimizer": "adagrad", "learning_rate": 0.01, "initial_accumu
                   "domain_lr_scale": 1.0, "domain_weight_decay": 0.0}
 
 
+PAPER_TOWERS = (512, 256, 128, 128)  # CTR and CVR towers' hidden units
+
+
 @register_model("mmn_paper", loss_overrides=PAPER_LOSS, training_overrides=PAPER_TRAINING)
 def _build_mmn_paper(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MMN:
-    """MMN exactly as the paper trains it (full domain parameter sets)."""
-    return MMN.from_config(cfg, n_types, n_scenarios, domain_params="full", wide=False)
+    """MMN exactly as the paper builds and trains it: full domain parameter sets, its towers,
+    no wide term."""
+    inputs = {**config_inputs(cfg), "ctr_hidden": PAPER_TOWERS}
+    return MMN(**inputs, cvr_hidden=PAPER_TOWERS, n_types=n_types, n_scenarios=n_scenarios,
+               domain_params="full", wide=False)
