@@ -27,7 +27,7 @@ import numpy as np
 
 from core.config import load_config
 
-AVERAGES = ("type_avg", "scenario_avg", "domain_avg", "overall")
+AVERAGES = ("type_avg", "scenario_avg", "domain_avg", "observed_domain_avg", "overall")
 
 
 def preset_env(root: Path, preset: str, impressions: int) -> dict[str, str]:
@@ -95,9 +95,14 @@ def run_preset(preset: str, args: argparse.Namespace) -> dict:
                 row[f"{column}_gap_to_oracle"] = float(table.loc["oracle", column] - table.loc[kind, column])
         if kind in speed:
             row["train_samples_per_s"] = float(np.nanmean(speed[kind]))
+        for name, iv in result.intervals.get(kind, {}).items():
+            row[f"{name}_ci"] = [iv.low, iv.high]
+            if name.endswith("_vs_ref"):
+                row[name] = iv.estimate
         summary[kind] = row
     (root / "comparison.md").write_text(result.markdown)
     return {"preset": preset, "days": days, "holdout": days[-1], "impressions_per_day": args.impressions,
+            "reference": result.reference,
             "seeds": args.seeds, "data_seconds": data_s, "compare_seconds": compare_s,
             "summary": summary, "comparison_id": result.comparison_id, "markdown": result.markdown}
 
