@@ -290,6 +290,30 @@ class Airflow:
     parallelism: int
 
 
+RUNTIME_WAIT_POLICIES = ("active", "passive")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The thread policy (core.threads): intra-op threads of training, evaluation and serving,
+    libgomp's OMP_WAIT_POLICY, the Spark job's cores. ``auto``: the CPUs this process may use
+    (cgroup quota, affinity) divided by ``airflow.parallelism``. The defaults are the YAML's,
+    for bundles written before the section existed."""
+
+    threads: int | str = "auto"
+    omp_wait_policy: str = "passive"
+    spark_cores: int | str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("threads", "spark_cores"):
+            value = getattr(self, key)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"runtime.{key} must be 'auto' or an integer >= 1, got {value!r}")
+        if self.omp_wait_policy not in RUNTIME_WAIT_POLICIES:
+            raise ConfigError(f"runtime.omp_wait_policy must be one of {RUNTIME_WAIT_POLICIES}, "
+                              f"got {self.omp_wait_policy!r}")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The typed, validated pipeline config. ``raw`` keeps the merged mapping for hashing."""
@@ -310,6 +334,7 @@ class PipelineConfig:
     mlflow: Mlflow
     spark: Spark
     airflow: Airflow
+    runtime: Runtime
     source: Path
     raw: dict[str, Any] = field(repr=False, compare=False)
 
@@ -470,6 +495,7 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         mlflow=_dataclass_from(Mlflow, mlflow_cfg, "mlflow", from_bundle),
         spark=section(Spark, "spark"),
         airflow=section(Airflow, "airflow"),
+        runtime=section(Runtime, "runtime"),
         source=source,
         raw=data,
     )

@@ -20,6 +20,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from core.config import REPO_ROOT, PipelineConfig
+from core.threads import policy_for, process_env, spark_master
 
 AIRFLOW_HOME = REPO_ROOT / ".airflow"
 LOOPBACK = "127.0.0.1"
@@ -66,6 +67,7 @@ def airflow_env(cfg: PipelineConfig, home: Path | None = None, host: str | None 
     The api-server binds ``host`` (default: $AIRFLOW__API__HOST, else 127.0.0.1) and ``port``;
     task runners reach its execution API there (not on ``localhost``, which may be ::1)."""
     home = home or Path(os.environ.get("AIRFLOW_HOME") or AIRFLOW_HOME)
+    policy = policy_for(cfg)
     venv_bin = str(Path(sys.executable).parent)
     default_host, default_port = api_address()
     host = host or default_host
@@ -85,13 +87,18 @@ def airflow_env(cfg: PipelineConfig, home: Path | None = None, host: str | None 
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "False",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": cfg.spark.master}),
+        # local[*] becomes local[<the thread policy's Spark cores>] (core.threads).
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": spark_master(
+            cfg.spark.master, policy.spark_cores)}),
         "MMN_CONFIG": str(cfg.source),
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "SPARK_LOCAL_IP": "127.0.0.1",
         "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         "NO_PROXY": "*",
+        # The thread policy's OMP_WAIT_POLICY / OMP_NUM_THREADS: libgomp reads them when a task
+        # process first imports torch, so they must be in the environment Airflow starts with.
+        **process_env(policy),
     }
 
 

@@ -8,6 +8,7 @@ import subprocess
 from typing import Any
 
 from core.config import REPO_ROOT, PipelineConfig
+from core.threads import policy_for, process_env, spark_conf, spark_master
 
 BUILD_JOB = REPO_ROOT / "spark_jobs" / "build_samples.py"
 
@@ -17,7 +18,7 @@ def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
     conf = [arg for key, value in spark_submit_conf(cfg).items() for arg in ("--conf", f"{key}={value}")]
     return [
         "spark-submit",
-        "--master", cfg.spark.master,
+        "--master", spark_master(cfg.spark.master, policy_for(cfg).spark_cores),
         "--driver-memory", cfg.spark.driver_memory,
         *conf,
         str(BUILD_JOB),
@@ -26,8 +27,11 @@ def spark_submit_command(cfg: PipelineConfig, day: str) -> list[str]:
 
 
 def spark_submit_conf(cfg: PipelineConfig) -> dict[str, str]:
-    """Spark settings passed at submit time (the CLI's spark-submit and the DAG's operator)."""
-    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.jvm_conf()}
+    """Spark settings passed at submit time (the CLI's spark-submit and the DAG's operator),
+    with the thread policy's (core.threads: the executors' OMP_WAIT_POLICY, and
+    spark.cores.max on a cluster master)."""
+    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.jvm_conf(),
+            **spark_conf(policy_for(cfg), cfg.spark.master)}
 
 
 def build_job_args(cfg: PipelineConfig, day: Any) -> list[Any]:
@@ -39,7 +43,7 @@ def build_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:
     """Run the Spark build job for ``day`` through spark-submit; returns its manifest."""
     from mmn.airflow_env import airflow_env
 
-    env = {**os.environ, **_spark_env(airflow_env(cfg))}
+    env = {**os.environ, **_spark_env(airflow_env(cfg)), **process_env(policy_for(cfg))}
     proc = subprocess.run(spark_submit_command(cfg, day), env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"Spark build job for {day} failed (exit {proc.returncode}); see its log above")

@@ -540,6 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _thread_env(argv: Sequence[str]) -> None:
+    """Put the thread policy's OMP_WAIT_POLICY / OMP_NUM_THREADS (runtime.*, core.threads) into
+    this process's environment before any command imports torch: libgomp reads them once, when
+    it loads. Children (spark-submit, torchrun, the model server) inherit them."""
+    from core.config import ConfigError
+    from core.threads import configure_process
+
+    known, _ = _config_parent().parse_known_args(argv)
+    try:
+        configure_process(load_config(known.config, overrides=known.overrides))
+    except (ConfigError, ValueError, OSError):
+        pass  # the command itself loads the config and reports what is wrong with it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Tools found by bare name further down (spark-submit, airflow) are this venv's, even
@@ -551,9 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         parser.parse_known_args(argv)  # --help, usage errors and choices in `mmn <stage>` terms
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _thread_env(argv)
         return _passthrough(PASSTHROUGH[argv[0]][0])(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _thread_env(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

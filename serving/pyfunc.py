@@ -35,6 +35,7 @@ import torch
 from core.config import REPO_ROOT, PipelineConfig, config_from_mapping
 from core.contracts import request_fields
 from core.hashing import feature_id, is_missing
+from core.threads import apply_torch_threads, policy_for
 
 OUTPUT_COLUMNS = ["p_ctr", "p_cvr", "p_ctcvr", "error"]
 PROBABILITY_COLUMNS = ["p_ctr", "p_cvr", "p_ctcvr"]
@@ -137,6 +138,9 @@ class ServingModel:
 
         bundle = ModelBundle.from_json(Path(bundle_path).read_text())
         cfg = config_from_mapping(bundle.config)
+        # The thread policy of the model's config (runtime.*; a bundle older than the section
+        # takes its defaults): intra-op threads from the usable CPUs, inter-op 1 (core.threads).
+        apply_torch_threads(policy_for(cfg))
         model = build_model(cfg, bundle.n_types, bundle.n_scenarios, kind=bundle.model_kind)
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         return cls(bundle, model)

@@ -61,6 +61,7 @@ from pyspark.sql import functions as F  # noqa: E402
 from core.config import PipelineConfig, add_config_arguments, load_config  # noqa: E402
 from core.contracts import DOMAIN_COLUMNS, TS, sample_id_column  # noqa: E402
 from core.raw_inputs import MissingRawLogsError, require_impressions  # noqa: E402
+from core.threads import policy_for, spark_master  # noqa: E402
 from spark_jobs.impressions import (  # noqa: E402
     conflicting_raw,
     hashed_impressions,
@@ -222,7 +223,9 @@ def create_session(cfg: PipelineConfig, app_name: str = "mmn-build-samples") -> 
     """Use spark-submit's master when launched by it; otherwise the config's."""
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
-        builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+        # local[*] takes the thread policy's cores (runtime.spark_cores; core.threads).
+        master = spark_master(cfg.spark.master, policy_for(cfg).spark_cores)
+        builder = builder.master(master).config("spark.driver.memory", cfg.spark.driver_memory)
         for key, value in cfg.spark.jvm_conf().items():  # spark-submit passes these itself
             builder = builder.config(key, value)
     return (builder.config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))

@@ -26,7 +26,9 @@ class TrainOptions:
     ``split="train"`` with ``holdout_fraction`` trains on the non-holdout hash buckets only
     (cold start). ``n_types`` / ``n_scenarios`` default to the vocabulary sizes.
     ``on_step(step)`` runs after each optimizer step (tests inject crashes with it).
-    ``num_threads`` sets torch's intra-op threads (1 is fastest on a contended shared box).
+    ``num_threads`` sets torch's intra-op threads; None (the default) takes them from the
+    thread policy (``runtime.threads``: the usable CPUs divided by ``airflow.parallelism``;
+    core.threads).
     ``step_loss`` replaces the plain step loss (training.hooks.StepLoss; e.g. SSIM reuse).
     ``inputs`` identifies inputs beyond the training days (e.g. the holdout day's
     manifest); with the days' own identity (training.checkpoints.day_identity) and the

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.config import PipelineConfig, Training, add_config_arguments, load_config
+from core.threads import apply_torch_threads, policy_for
 from core.vocab import load_vocab
 from training.checkpoints import (
     CHECKPOINT_FILE,
@@ -185,8 +186,11 @@ def train(cfg: PipelineConfig, train_days: Sequence[str], options: TrainOptions 
     if not train_days:
         raise ValueError("train() needs at least one training day")
     train_days = list(train_days)
-    if opts.num_threads is not None:
-        torch.set_num_threads(max(1, int(opts.num_threads)))
+    # The thread policy (runtime.threads, core.threads); torchrun's local ranks share it.
+    policy = policy_for(cfg)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    apply_torch_threads(policy, opts.num_threads if opts.num_threads is not None
+                        else max(1, policy.threads // local_ranks))
     info = init_distributed(cfg.training.device)
     hook = opts.step_loss
     if hook is not None and not hook.distributed and info.world_size > 1:
@@ -282,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the final state_dict here")
     parser.add_argument("--max-steps", type=int, default=None)
     add_config_arguments(parser)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: the runtime.threads policy)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
