@@ -113,3 +113,34 @@ def test_dag_and_run_day_follow_the_one_step_list(dag, monkeypatch):
     monkeypatch.setattr(tasks, "gate_day", fake("gate_and_promote", {"decision": "dry_run"}))
     assert tasks.run_day(load_config(), "2026-11-10", dry_run=True) == {"decision": "dry_run"}
     assert calls == list(STEPS)
+
+
+def test_the_dag_and_every_task_say_what_they_do(dag):
+    """Issue 18 item 4: a DAG description, and a doc_md per task naming what it reads and writes."""
+    assert dag.description and "champion" in dag.description
+    for task in dag.tasks:
+        assert task.doc_md and "**Reads**" in task.doc_md and "**Writes**" in task.doc_md, task.task_id
+    assert "MLflow run" in dag.get_task("gate_and_promote").doc_md
+
+
+def test_demo_console_sends_everything_but_its_lines_to_the_log_file(tmp_path, capfd):
+    """Issue 18 item 3: inside capture(), this process's and its children's output land in
+    the log file; say() still reaches the terminal; since() returns what a task wrote."""
+    import subprocess
+    import sys
+
+    from mmn.demo import Console, demo_run_id
+
+    console = Console(tmp_path / "logs" / "demo.log")
+    with console.capture():
+        console.say("  2026-11-01  train  success  1.0 s")
+        offset = console.offset()
+        print("chatter from this process")
+        subprocess.run([sys.executable, "-c", "import sys; print('spark INFO line'); "
+                        "print('warning', file=sys.stderr)"], check=True)
+        captured = console.since(offset)
+    terminal = capfd.readouterr().out
+    assert "train  success" in terminal and "chatter" not in terminal and "spark INFO" not in terminal
+    assert "chatter from this process" in captured and "spark INFO line" in captured
+    assert "warning" in console.log_path.read_text()
+    assert demo_run_id("2026-11-03").startswith("impression_day__2026-11-03__")

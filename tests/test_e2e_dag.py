@@ -7,6 +7,7 @@ carries the aliases. Day 2's gate must compare against day 1's champion.
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 
 from core.config import load_config
 from core.schedule import logical_date_for
-from mmn.demo import load_dag
+from mmn.demo import Console, load_dag, run_day, task_log_path
 
 pytestmark = pytest.mark.e2e
 
@@ -33,18 +34,26 @@ DAYS = ["2026-11-01", "2026-11-02"]
 
 
 @pytest.fixture(scope="module")
-def daily_runs():
+def day_runs(tmp_path_factory):
+    """The two days run the way `make demo` runs them (mmn.demo.run_day: dag.test with an
+    honest history, output captured into a log file)."""
     cfg = load_config()
     from simulation.generate_logs import generate
 
     counts = generate(cfg, DAYS[0], len(DAYS))
     subprocess.run(["airflow", "db", "migrate"], check=True, capture_output=True)
     dag = load_dag()
-    states = {}
-    for day in DAYS:
-        dagrun = dag.test(logical_date=logical_date_for(cfg, day))
-        states[day] = str(dagrun.state)
-    return cfg, counts, states
+    console = Console(tmp_path_factory.mktemp("demo") / "demo.log")
+    began = dt.datetime.now(dt.UTC)
+    with console.capture():
+        runs = {day: run_day(cfg, dag, day, console) for day in DAYS}
+    return cfg, counts, runs, began
+
+
+@pytest.fixture(scope="module")
+def daily_runs(day_runs):
+    cfg, counts, runs, _ = day_runs
+    return cfg, counts, {day: run.state for day, run in runs.items()}
 
 
 def _gate_summary(cfg, day):
@@ -98,6 +107,47 @@ def test_mlflow_run_has_holdout_metrics_and_champion_alias(daily_runs):
         assert champion == "1"
         tags = client.get_model_version(cfg.mlflow.registered_model, second["version"]).tags
         assert tags["status"] == "rejected" and tags["gate.reason"]
+
+
+def test_airflow_history_names_the_day_real_times_logs_and_notes(day_runs):
+    """Issue 18 item 4: run ids name the impression day, the start is the real one (not the
+    logical date), every task's log is where the UI reads it, the note names the day, the
+    decision and the MLflow run; the gate task's log links its MLflow run."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    cfg, _, runs, began = day_runs
+    with create_session() as session:
+        for day, result in runs.items():
+            assert day in result.run_id
+            run = session.scalar(select(DagRun).where(DagRun.run_id == result.run_id))
+            assert run.start_date >= began - dt.timedelta(seconds=5)
+            assert run.end_date - run.start_date < dt.timedelta(hours=1)
+            decision = _gate_summary(cfg, day)["decision"]
+            assert day in run.note and decision in run.note and "MLflow run: http" in run.note
+            tis = {ti.task_id: ti for ti in run.get_task_instances(session=session)}
+            assert {name for name, _, _ in result.tasks} == set(tis)
+            for ti in tis.values():
+                assert task_log_path(ti).is_file(), ti.task_id
+            gate_log = task_log_path(tis["gate_and_promote"]).read_text()
+            assert f"/runs/{_gate_summary(cfg, day)['run_id']}" in gate_log
+
+
+def test_mlflow_run_reads_at_a_glance(daily_runs):
+    """Issue 18 item 2 on the real DAG: headline metrics, the description, the day's Data Docs page."""
+    cfg, _, _ = daily_runs
+    from serving.registry import client_for
+
+    client = client_for(cfg)
+    second = _gate_summary(cfg, DAYS[1])
+    run = client.get_run(second["run_id"])
+    assert {"auc_type", "auc_overall", "champ_auc_type", "gate_margin"} <= set(run.data.metrics)
+    assert len(run.data.metrics) < 60, sorted(run.data.metrics)
+    assert DAYS[1] in run.data.tags["mlflow.note.content"]
+    assert second["decision"] in run.data.tags["mlflow.note.content"]
+    docs = [a.path for a in client.list_artifacts(second["run_id"], "data_docs")]
+    assert docs == [f"data_docs/dt={DAYS[1]}.html"]
 
 
 # ---------------------------------------------------------------- serving the champion
