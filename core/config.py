@@ -4,17 +4,32 @@ Every stage calls :func:`load_config`. Overrides come, in increasing precedence,
 environment variables ``MMN__<SECTION>__<KEY>=<yaml value>`` and from ``--set
 section.key=value`` pairs given on a command line. Values are parsed as YAML, so
 ``MMN__TRAINING__EPOCHS=2`` gives an int and ``MMN__MODEL__CVR_HIDDEN=[64,32]`` a list.
+
+Every key is checked when its section is built, so a bad value fails at load naming its key
+(``training.epochs: expected an integer, got 'abc'``) instead of deep in a stage after an
+MLflow run was opened: each field is coerced to its annotation (int, float, bool, str, Path,
+``tuple[X, ...]``, ``X | None``) and then held to its rule in :data:`_RULES` (ranges, choices,
+names that must exist). A section checks itself in ``__post_init__``, so a variant built with
+``dataclasses.replace`` is checked too. (A small validator rather than pydantic: core is also
+imported by the Spark driver and inside served models, where pydantic is not a declared
+dependency, and the messages and the strictness, e.g. no bool as int, stay ours.)
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
+import functools
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +45,15 @@ SPARK_XXHASH64_SEED = 42
 
 class ConfigError(ValueError):
     """The pipeline config is missing a key or holds a value no stage can use."""
+
+
+class _Section:
+    """Base of the config's sections: each checks its own fields when built (from the YAML, a
+    bundle or ``dataclasses.replace``). The section's key is its class name in lower case
+    (``Training`` is ``training``)."""
+
+    def __post_init__(self) -> None:
+        _check_section(self)
 
 
 @dataclass(frozen=True)
@@ -61,7 +85,7 @@ class LogSpec:
 
 
 @dataclass(frozen=True)
-class Paths:
+class Paths(_Section):
     raw_root: Path
     lake_root: Path
     truth_root: Path
@@ -107,7 +131,7 @@ class Paths:
 
 
 @dataclass(frozen=True)
-class Domains:
+class Domains(_Section):
     type_field: str
     scenario_field: str
     value_pattern: str
@@ -116,13 +140,13 @@ class Domains:
 
 
 @dataclass(frozen=True)
-class Hashing:
+class Hashing(_Section):
     algorithm: str
     seed: int
 
 
 @dataclass(frozen=True)
-class Windows:
+class Windows(_Section):
     click_window_minutes: int
     attribution_window_hours: int
     label_delay_days: int
@@ -132,7 +156,7 @@ class Windows:
 
 
 @dataclass(frozen=True)
-class Generator:
+class Generator(_Section):
     preset: str
     impressions_per_day: int
     seed: int
@@ -141,7 +165,7 @@ class Generator:
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(_Section):
     kind: str
     embedding_dim: int
     ctr_hidden: tuple[int, ...]
@@ -154,7 +178,7 @@ class Model:
 
 
 @dataclass(frozen=True)
-class Training:
+class Training(_Section):
     optimizer: str
     learning_rate: float
     batch_size: int
@@ -174,7 +198,7 @@ class Training:
 
 
 @dataclass(frozen=True)
-class Gate:
+class Gate(_Section):
     metric: str
     min_delta: float
     floor: float
@@ -183,7 +207,7 @@ class Gate:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(_Section):
     """How holdout metrics are summarized (the gate reads one of them by name)."""
 
     min_domain_conversions: int = 50  # a domain enters the well-observed average from here
@@ -196,7 +220,7 @@ SSIM_SELECTOR_INPUTS = ("detached", "shared")
 
 
 @dataclass(frozen=True)
-class Ssim:
+class Ssim(_Section):
     """SSIM shared-instance settings (training.ssim); the YAML's ``ssim:`` section names every
     key. The defaults are the behaviour before the section existed (SSIM off), for bundles
     written before it; they equal the YAML's values (tests/test_ssim.py holds that)."""
@@ -215,33 +239,9 @@ class Ssim:
     ratio_grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
     ratio_metric: str = "cvr_auc_domain_avg"  # validation metric choose_ratio maximizes
 
-    def __post_init__(self) -> None:
-        # Checked here (not only in _validate) because searches and benchmarks build
-        # variants with dataclasses.replace.
-        object.__setattr__(self, "selector_hidden", tuple(int(v) for v in self.selector_hidden))
-        object.__setattr__(self, "ratio_grid", tuple(float(v) for v in self.ratio_grid))
-        if self.mode not in SSIM_MODES:
-            raise ConfigError(f"ssim.mode must be one of {SSIM_MODES}, got {self.mode!r}")
-        if not 0.0 < self.epsilon < 1.0:
-            raise ConfigError(f"ssim.epsilon must lie in (0, 1), got {self.epsilon}")
-        if self.mask_weight < 0 or self.shared_loss_weight < 0:
-            raise ConfigError("ssim.mask_weight and ssim.shared_loss_weight must be >= 0")
-        if not 0.0 < self.target_share <= 1.0:
-            raise ConfigError(f"ssim.target_share must lie in (0, 1], got {self.target_share}")
-        if self.selector_input not in SSIM_SELECTOR_INPUTS:
-            raise ConfigError(f"ssim.selector_input must be one of {SSIM_SELECTOR_INPUTS}")
-        if self.selector_lr <= 0:
-            raise ConfigError("ssim.selector_lr must be > 0")
-        if not 0.0 <= self.selector_ema < 1.0:
-            raise ConfigError("ssim.selector_ema must lie in [0, 1)")
-        if self.epochs < 1:
-            raise ConfigError("ssim.epochs must be >= 1")
-        if not self.ratio_grid or any(not 0.0 <= r <= 1.0 for r in self.ratio_grid):
-            raise ConfigError(f"ssim.ratio_grid needs ratios in [0, 1], got {self.ratio_grid}")
-
 
 @dataclass(frozen=True)
-class Validation:
+class Validation(_Section):
     trailing_days: int
     row_count_tolerance: float
     max_quarantine_share: float
@@ -253,7 +253,7 @@ class Validation:
 
 
 @dataclass(frozen=True)
-class Mlflow:
+class Mlflow(_Section):
     tracking_uri: str
     artifact_root: Path
     experiment: str
@@ -261,7 +261,7 @@ class Mlflow:
 
 
 @dataclass(frozen=True)
-class Spark:
+class Spark(_Section):
     master: str
     driver_memory: str
     shuffle_partitions: int
@@ -280,7 +280,15 @@ class Spark:
 
 
 @dataclass(frozen=True)
-class Airflow:
+class Serving(_Section):
+    """The model server's settings (``serving:``). The default is the limit serving.pyfunc
+    applied before the section existed, for bundles written without it."""
+
+    max_request_records: int = 50_000  # records one request may hold; a larger one is refused
+
+
+@dataclass(frozen=True)
+class Airflow(_Section):
     schedule: str
     start_date: str
     retries: int
@@ -335,6 +343,7 @@ class PipelineConfig:
     spark: Spark
     airflow: Airflow
     runtime: Runtime
+    serving: Serving
     source: Path
     raw: dict[str, Any] = field(repr=False, compare=False)
 
@@ -355,6 +364,18 @@ class PipelineConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.raw, sort_keys=True, indent=2, default=str)
+
+    def source_overrides(self) -> list[str]:
+        """``section.key=value`` overrides that turn the file at ``source`` into this config.
+
+        What a child process needs, beside ``--config source``, to run with this effective
+        config (env and ``--set`` overrides included) whatever its own environment: e.g. the
+        Spark build job under spark-submit. ``load_config(source, overrides=<these>)`` has
+        the same :meth:`config_hash`."""
+        if not self.source.is_file():
+            raise ConfigError(f"config {self.source} is not a file: no overrides relative to it")
+        base = yaml.safe_load(self.source.read_text())
+        return [f"{key}={_yaml_text(value)}" for key, value in _differences(base, self.raw)]
 
 
 def load_config(
@@ -398,8 +419,35 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name.count("__") >= 2:
             dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
-            found[dotted] = yaml.safe_load(value)
+            found[dotted] = _yaml_value(value)
     return found
+
+
+def _differences(base: Any, effective: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, effective value) of each leaf where ``effective`` differs from ``base``; a
+    mapping whose keys changed is one leaf (an override may only replace existing keys)."""
+    if base == effective:
+        return []
+    if isinstance(base, dict) and isinstance(effective, dict) and set(base) == set(effective):
+        return [d for key in effective for d in _differences(base[key], effective[key], f"{prefix}{key}.")]
+    if not prefix:
+        raise ConfigError("the effective config's sections differ from its source file's")
+    return [(prefix[:-1], effective)]
+
+
+def _yaml_text(value: Any) -> str:
+    """``value`` as one YAML flow text that :func:`_yaml_value` reads back equal."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    return text.removesuffix("\n...\n").rstrip("\n")
+
+
+def _yaml_value(text: str) -> Any:
+    """An override's value parsed as YAML; text YAML cannot read (``@daily``, ``2026-13-01``,
+    which PyYAML takes for a bad date) stays a string, for its key's check to judge."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError):
+        return text
 
 
 def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -410,7 +458,7 @@ def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        parsed[key.strip()] = yaml.safe_load(value)
+        parsed[key.strip()] = _yaml_value(value)
     return parsed
 
 
@@ -462,31 +510,28 @@ def _resolve_sqlite_uri(uri: str) -> str:
 
 
 def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> PipelineConfig:
-    paths = _section(data, "paths")
     mlflow_cfg = dict(_section(data, "mlflow"))
-    mlflow_cfg["tracking_uri"] = _resolve_sqlite_uri(str(mlflow_cfg.get("tracking_uri", "")))
-    mlflow_cfg["artifact_root"] = _resolve(mlflow_cfg.get("artifact_root", "data/mlflow/artifacts"))
-    model = dict(_section(data, "model"))
-    for key in ("ctr_hidden", "cvr_hidden"):
-        model[key] = tuple(int(v) for v in model.get(key, ()))
+    if isinstance(mlflow_cfg.get("tracking_uri"), str):
+        mlflow_cfg["tracking_uri"] = _resolve_sqlite_uri(mlflow_cfg["tracking_uri"])
+    mlflow_cfg.setdefault("artifact_root", "data/mlflow/artifacts")
 
     def section(cls: type, name: str) -> Any:
         # A bundle older than a whole section takes that section's defaults.
         values = data.get(name, {}) if from_bundle and name not in data else _section(data, name)
         return _dataclass_from(cls, values, name, from_bundle)
 
+    features = data.get("features") or []
+    if not isinstance(features, list):
+        raise ConfigError(f"features: expected a list of fields, got {_short(features)}")
     cfg = PipelineConfig(
-        paths=Paths(**{k: _resolve(v) for k, v in paths.items()}),
-        logs={
-            name: LogSpec(id_field=spec["id_field"], required=dict(spec["required"]))
-            for name, spec in _section(data, "logs").items()
-        },
+        paths=section(Paths, "paths"),
+        logs={str(name): _log_spec(name, spec) for name, spec in _section(data, "logs").items()},
         domains=section(Domains, "domains"),
-        features=tuple(_feature(f) for f in data.get("features") or []),
+        features=tuple(_feature(f, i) for i, f in enumerate(features)),
         hashing=section(Hashing, "hashing"),
         windows=section(Windows, "windows"),
         generator=section(Generator, "generator"),
-        model=_dataclass_from(Model, model, "model", from_bundle),
+        model=section(Model, "model"),
         training=section(Training, "training"),
         gate=section(Gate, "gate"),
         evaluation=section(Evaluation, "evaluation"),
@@ -496,6 +541,7 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         spark=section(Spark, "spark"),
         airflow=section(Airflow, "airflow"),
         runtime=section(Runtime, "runtime"),
+        serving=section(Serving, "serving"),
         source=source,
         raw=data,
     )
@@ -503,23 +549,41 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
     return cfg
 
 
-def _feature(spec: Mapping[str, Any]) -> FeatureField:
+def _log_spec(name: Any, spec: Any) -> LogSpec:
+    key = f"logs.{name}"
+    if not isinstance(spec, Mapping) or set(spec) != {"id_field", "required"}:
+        raise ConfigError(f"{key}: expected a mapping with id_field and required, got {_short(spec)}")
+    id_field = _coerce(spec["id_field"], str, f"{key}.id_field")
+    required = _coerce(spec["required"], dict[str, str], f"{key}.required")
+    if not id_field or id_field not in required:
+        raise ConfigError(f"{key}.id_field: must name one of the required fields, got {id_field!r}")
+    return LogSpec(id_field=id_field, required=required)
+
+
+def _feature(spec: Any, index: int) -> FeatureField:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"features[{index}]: expected a mapping, got {_short(spec)}")
     name = spec.get("name")
     kind = spec.get("kind")
-    if not name or kind not in ("categorical", "numeric"):
+    if not isinstance(name, str) or not name or kind not in ("categorical", "numeric"):
         raise ConfigError(f"feature {spec!r}: needs a name and kind categorical|numeric")
+    key = f"features[{name}]"
+    unknown = set(spec) - {"name", "kind", "buckets" if kind == "categorical" else "boundaries"}
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys for a {kind} field: {sorted(unknown)}")
     if kind == "categorical":
-        buckets = int(spec.get("buckets", 0))
+        buckets = _coerce(spec.get("buckets", 0), int, f"{key}.buckets")
         if buckets < 2:
             raise ConfigError(f"feature {name!r}: categorical fields need buckets >= 2")
         return FeatureField(name=name, kind=kind, buckets=buckets)
-    boundaries = tuple(float(b) for b in spec.get("boundaries") or [])
+    boundaries = _coerce(spec.get("boundaries") or (), tuple[float, ...], f"{key}.boundaries")
     if not boundaries or list(boundaries) != sorted(set(boundaries)):
         raise ConfigError(f"feature {name!r}: numeric fields need strictly increasing boundaries")
     return FeatureField(name=name, kind=kind, boundaries=boundaries)
 
 
 def _validate(cfg: PipelineConfig) -> None:
+    """Checks across keys (each key alone was checked when its section was built)."""
     if set(cfg.logs) != {"impressions", "clicks", "conversions"}:
         raise ConfigError("logs must define impressions, clicks and conversions")
     if not cfg.features:
@@ -527,24 +591,239 @@ def _validate(cfg: PipelineConfig) -> None:
     names = [f.name for f in cfg.features]
     if len(set(names)) != len(names):
         raise ConfigError(f"feature names repeat: {names}")
-    if cfg.hashing.algorithm != "xxhash64" or cfg.hashing.seed != SPARK_XXHASH64_SEED:
-        raise ConfigError("hashing must be xxhash64 with seed 42 (Spark's fixed xxhash64 seed)")
+
+
+# --- per-key checks ------------------------------------------------------------------
+
+Rule = Callable[[Any], "str | None"]  # None when the value is fine, else what is wrong
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the annotation ``hint`` wants it, or a ConfigError naming ``key``.
+
+    Lenient only where YAML or an override commonly gives another spelling of the same value:
+    an integral float or a digit string for an int, a numeric string for a float (PyYAML reads
+    ``1e-3`` as a string), a date for a str (an unquoted ISO date). A bool is never a number.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for hint_option in inner[:-1]:  # the first alternative that takes the value, in order
+            try:
+                return _coerce(value, hint_option, key)
+            except ConfigError:
+                continue
+        return _coerce(value, inner[-1], key)
+    if origin is tuple:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
+        return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
+        return {_coerce(k, args[0], f"{key} (a key)"): _coerce(v, args[1], f"{key}.{k}")
+                for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
+    if hint is float:
+        number: float | None = None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
+        return number
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dt.date):
+            return value.isoformat()
+        raise ConfigError(f"{key}: expected a string, got {_short(value)}")
+    if hint is Path:
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return _resolve(value)
+        raise ConfigError(f"{key}: expected a path, got {_short(value)}")
+    raise TypeError(f"{key}: the config has no coercion for {hint!r}")  # a new annotation: add one
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_section(obj: Any) -> None:
+    """Coerce every field of a section to its annotation, then hold it to its rule."""
+    name = type(obj).__name__.lower()
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{name}.{f.name}"
+        value = _coerce(getattr(obj, f.name), hints[f.name], key)
+        object.__setattr__(obj, f.name, value)
+        rule = _RULES.get(key)
+        problem = None if rule is None or value is None else rule(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}, got {_short(value)}")
+
+
+def _at_least(low: float) -> Rule:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _above(low: float) -> Rule:
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def _within(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    text = f"must lie in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+    def rule(v: float) -> str | None:
+        fine = (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        return None if fine else text
+    return rule
+
+
+def _one_of(*choices: Any) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {choices}"
+
+
+def _each(rule: Rule, *, non_empty: bool = False) -> Rule:
+    """A rule for a list: every item follows ``rule`` (and there is at least one)."""
+    def check(values: tuple[Any, ...]) -> str | None:
+        if non_empty and not values:
+            return "must not be empty"
+        problems = [(i, p) for i, v in enumerate(values) if (p := rule(v))]
+        return f"item {problems[0][0]} {problems[0][1]}" if problems else None
+    return check
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _any(v: Any) -> str | None:  # any value of the annotated type (e.g. a signed delta)
+    return None
+
+
+def _regex(v: str) -> str | None:
     try:
-        re.compile(cfg.domains.value_pattern)
+        re.compile(v)
     except re.error as exc:
-        raise ConfigError(f"domains.value_pattern is not a regex: {exc}") from exc
-    if cfg.windows.holdout_rule != "latest_day":
-        raise ConfigError("windows.holdout_rule supports only 'latest_day'")
-    if not 0 < cfg.windows.cold_start_holdout_fraction < 1:
-        raise ConfigError("windows.cold_start_holdout_fraction must lie in (0, 1)")
-    if cfg.windows.train_window_days < 1:
-        raise ConfigError("windows.train_window_days must be >= 1")
-    if cfg.model.domain_params not in ("full", "common_only"):
-        raise ConfigError("model.domain_params must be full or common_only")
-    if cfg.training.optimizer not in ("adagrad", "adam"):
-        raise ConfigError("training.optimizer must be adagrad or adam")
-    if cfg.training.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("training.device must be auto, cpu or cuda")
-    retention = cfg.training.checkpoint_retention
-    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int) or retention < 0):
-        raise ConfigError(f"training.checkpoint_retention must be an integer >= 0, got {retention!r}")
+        return f"is not a regex ({exc})"
+    return None
+
+
+def _model_kind(v: str) -> str | None:
+    from core.contracts import MODEL_KINDS  # core.contracts imports this module
+
+    return None if v in MODEL_KINDS else f"must be a model kind, one of {MODEL_KINDS}"
+
+
+def _ranking_metric(v: str) -> str | None:
+    from core.contracts import RANKING_METRICS, is_ranking_metric
+
+    if is_ranking_metric(v):
+        return None
+    return (f"must be a holdout AUC the evaluator logs: one of {RANKING_METRICS} or a "
+            "per-domain cvr_auc_type/<type>, cvr_auc_scenario/<scenario>, "
+            "cvr_auc_domain/<type>/<scenario>")
+
+
+def _daily_cron(v: str) -> str | None:
+    from core.schedule import cron_time  # core.schedule imports this module
+
+    if len(v.split()) != 5:
+        return "must be a five-field cron expression (the daily DAG's schedule)"
+    try:
+        cron_time(v)
+    except ValueError:
+        return "must run daily at a fixed minute and hour (e.g. '0 6 * * *')"
+    return None
+
+
+def _iso_day(v: str) -> str | None:
+    from core.schedule import parse_day
+
+    try:
+        parse_day(v)
+    except ValueError:
+        return "must be an ISO date (YYYY-MM-DD)"
+    return None
+
+
+# The rule of every key beyond its type. tests/test_config.py holds that each numeric key
+# has one, so a new key must say which values it takes.
+_RULES: dict[str, Rule] = {
+    "paths.raw_root": _any, "paths.lake_root": _any, "paths.truth_root": _any,
+    "paths.reports_root": _any,
+    "domains.type_field": _non_empty, "domains.scenario_field": _non_empty,
+    "domains.value_pattern": _regex, "domains.max_types": _at_least(1),
+    "domains.max_scenarios": _at_least(1),
+    "hashing.algorithm": _one_of("xxhash64"),
+    "hashing.seed": lambda v: None if v == SPARK_XXHASH64_SEED else
+    f"must be Spark's fixed xxhash64 seed {SPARK_XXHASH64_SEED} (serving hashes the same way)",
+    "windows.click_window_minutes": _at_least(1), "windows.attribution_window_hours": _at_least(1),
+    "windows.label_delay_days": _at_least(0), "windows.train_window_days": _at_least(1),
+    "windows.holdout_rule": _one_of("latest_day"),
+    "windows.cold_start_holdout_fraction": _within(0, 1, open_low=True, open_high=True),
+    "generator.preset": _non_empty, "generator.impressions_per_day": _at_least(1),
+    "generator.seed": _at_least(0), "generator.users": _at_least(1), "generator.ads": _at_least(1),
+    "model.kind": _model_kind, "model.embedding_dim": _at_least(1),
+    "model.ctr_hidden": _each(_at_least(1)), "model.cvr_hidden": _each(_at_least(1)),
+    "model.alpha": _at_least(0), "model.domain_params": _one_of("full", "common_only"),
+    "model.cvr_loss_weight": _at_least(0),
+    "training.optimizer": _one_of("adagrad", "adam"), "training.learning_rate": _above(0),
+    "training.batch_size": _at_least(1), "training.epochs": _at_least(1),
+    "training.shuffle_buffer": _at_least(0), "training.read_batch_rows": _at_least(1),
+    "training.seed": _at_least(0), "training.checkpoint_every_steps": _at_least(1),
+    "training.validation_fraction": _within(0, 1, open_high=True),
+    "training.early_stopping_patience": _at_least(0), "training.eval_every_steps": _at_least(1),
+    "training.device": _one_of("auto", "cpu", "cuda"), "training.initial_accumulator": _at_least(0),
+    "training.domain_lr_scale": _at_least(0), "training.domain_weight_decay": _at_least(0),
+    "training.checkpoint_retention": _at_least(0),
+    "gate.metric": _ranking_metric, "gate.min_delta": _within(-1, 1), "gate.floor": _within(0, 1),
+    "gate.min_domain_conversions": _at_least(0), "gate.domain_drop_tolerance": _within(0, 1),
+    "evaluation.min_domain_conversions": _at_least(0), "evaluation.bootstrap_samples": _at_least(1),
+    "evaluation.confidence": _within(0, 1, open_low=True, open_high=True),
+    "ssim.mode": _one_of(*SSIM_MODES), "ssim.epsilon": _within(0, 1, open_low=True, open_high=True),
+    "ssim.mask_weight": _at_least(0), "ssim.target_share": _within(0, 1, open_low=True),
+    "ssim.shared_loss_weight": _at_least(0), "ssim.selector_hidden": _each(_at_least(1)),
+    "ssim.selector_input": _one_of(*SSIM_SELECTOR_INPUTS), "ssim.selector_lr": _above(0),
+    "ssim.selector_ema": _within(0, 1, open_high=True), "ssim.epochs": _at_least(1),
+    "ssim.ratio_grid": _each(_within(0, 1), non_empty=True), "ssim.ratio_metric": _ranking_metric,
+    "validation.trailing_days": _at_least(0), "validation.row_count_tolerance": _at_least(0),
+    "validation.max_quarantine_share": _within(0, 1), "validation.drift_tolerance": _at_least(0),
+    "validation.drift_error_factor": _at_least(1), "validation.drift_min_clicks": _at_least(0),
+    "validation.max_missing_share": _within(0, 1), "validation.missing_share_increase": _within(0, 1),
+    "mlflow.tracking_uri": _non_empty, "mlflow.artifact_root": _any,
+    "mlflow.experiment": _non_empty, "mlflow.registered_model": _non_empty,
+    "spark.master": _non_empty, "spark.driver_memory": _non_empty,
+    "spark.shuffle_partitions": _at_least(1), "spark.output_files_per_day": _at_least(1),
+    "spark.event_time_tolerance_minutes": _at_least(0), "spark.max_lost_bytes_share": _within(0, 1),
+    "airflow.schedule": _daily_cron, "airflow.start_date": _iso_day, "airflow.retries": _at_least(0),
+    "airflow.retry_delay_minutes": _at_least(0), "airflow.spark_timeout_minutes": _at_least(1),
+    "airflow.train_timeout_minutes": _at_least(1), "airflow.parallelism": _at_least(1),
+    "serving.max_request_records": _at_least(1),
+}

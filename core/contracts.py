@@ -53,3 +53,35 @@ def sample_id_column(cfg: PipelineConfig) -> str:
     should use this, since ``logs.impressions.id_field`` may name another field.
     """
     return cfg.logs["impressions"].id_field
+
+
+# --- names the config refers to (checked at load by core.config; torch-free) ---------
+
+# The model zoo's keys (training.models registers exactly these; tests/test_baselines.py
+# holds that). Here, not in mmn, so the config can check ``model.kind`` at load without
+# importing torch or the application layer; mmn.model_kinds re-exports it.
+MODEL_KINDS: tuple[str, ...] = (
+    "mmn", "mmn_paper", "mmn_common_only", "mmn_no_dynamic_weight", "dnn",
+    # Baselines of the MMN paper's comparison (mmn/compare.py).
+    "esmm", "mmoe_type", "mmoe_scen", "ple_type", "ple_scen", "mt_fwfm", "star",
+    "dpg_full", "dpg_rowcol", "dpg_row", "dpg_col", "mi_dpg",
+)
+
+# Holdout metrics of training.metrics a challenger can be ranked by (gate.metric,
+# ssim.ratio_metric): AUCs only, since both pick the higher value; loglosses and counts are
+# logged too but lower (or no) values are better there. tests/test_config.py checks these
+# against what the evaluator produces.
+RANKING_METRICS: tuple[str, ...] = (
+    "cvr_auc", "cvr_auc_type_avg", "cvr_auc_scenario_avg", "cvr_auc_domain_avg",
+    "cvr_auc_domain_avg_observed", "ctr_auc", "ctcvr_auc",
+)
+# Per-domain CVR AUCs, named by vocabulary value: cvr_auc_type/<type>,
+# cvr_auc_scenario/<scenario>, cvr_auc_domain/<type>/<scenario>.
+RANKING_METRIC_PATTERN = r"cvr_auc_(type|scenario)/[^/\s]+|cvr_auc_domain/[^/\s]+/[^/\s]+"
+
+
+def is_ranking_metric(name: str) -> bool:
+    """Is ``name`` a holdout metric the evaluator logs and a higher value of which is better?"""
+    import re
+
+    return name in RANKING_METRICS or re.fullmatch(RANKING_METRIC_PATTERN, name) is not None

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from core.config import PipelineConfig
-from core.schedule import cron_time, day_built_by, interval_start_for
+from core.schedule import cron_time, day_built_by, interval_start_for, parse_day
 
 DAG_ID = "mmn_daily_retrain"
 LOCK_RETRIES = 5
@@ -22,7 +22,7 @@ LOCK_RETRIES = 5
 
 def range_for_days(cfg: PipelineConfig, first_day: str, last_day: str) -> tuple[str, str]:
     """Airflow's --from-date/--to-date that select exactly the runs building these impression days."""
-    if dt.date.fromisoformat(last_day) < dt.date.fromisoformat(first_day):
+    if parse_day(last_day) < parse_day(first_day):
         raise ValueError(f"backfill: {last_day} is before {first_day}")
     return interval_start_for(cfg, first_day).isoformat(), interval_start_for(cfg, last_day).isoformat()
 

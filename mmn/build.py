@@ -35,8 +35,13 @@ def spark_submit_conf(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def build_job_args(cfg: PipelineConfig, day: Any) -> list[Any]:
-    """The build job's arguments; ``day`` may be an Airflow XComArg, resolved at run time."""
-    return ["--day", day, "--config", str(cfg.source)]
+    """The build job's arguments; ``day`` may be an Airflow XComArg, resolved at run time.
+
+    The job runs with this effective config, not just its file: every env and ``--set``
+    override goes along as a ``--set`` (so ``mmn build --set paths.lake_root=X`` builds into
+    X), and ``--config-hash`` makes the job refuse to run if its config still differs."""
+    overrides = [arg for item in cfg.source_overrides() for arg in ("--set", item)]
+    return ["--day", day, "--config", str(cfg.source), *overrides, "--config-hash", cfg.config_hash()]
 
 
 def build_day(cfg: PipelineConfig, day: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 # Only light imports up here: `mmn <stage> --help` must not pay for torch, pyspark, GX,
 # MLflow or pandas (tests/test_cli_help.py checks it); each command imports what it needs.
-from core.config import PipelineConfig, add_config_arguments, load_config
+from core.config import SSIM_MODES, PipelineConfig, add_config_arguments, load_config
 from mmn.model_kinds import MODEL_KINDS
 
 LOOPBACK = "127.0.0.1"
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kind", choices=MODEL_KINDS, metavar="KIND",
                    help=f"{MODEL_KIND_HELP}; one of: {', '.join(MODEL_KINDS)}")
     p.add_argument("--window-days", type=int, help="training days before --day (default: windows.train_window_days)")
-    p.add_argument("--ssim", choices=["off", "search", "reuse"],
+    p.add_argument("--ssim", choices=SSIM_MODES,
                    help="scenario-shared instance selection before training (default: ssim.mode in the config)")
     p.set_defaults(func=cmd_train)
 

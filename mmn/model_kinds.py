@@ -1,15 +1,14 @@
-"""Names of the model kinds the trainer can build (the model zoo's keys).
+"""Names of the model kinds the trainer can build (the model zoo's keys), and the peers.
 
-Kept apart from training.models so DAG params can list them without importing torch;
-tests/test_model_zoo.py checks the zoo registers exactly these.
+The zoo's keys live in core.contracts (the config checks ``model.kind`` against them at
+load, and core must not import mmn); they are re-exported here so DAG params and the CLI
+can list them without importing torch. tests/test_baselines.py checks the zoo registers
+exactly these.
 """
 
-MODEL_KINDS: tuple[str, ...] = (
-    "mmn", "mmn_paper", "mmn_common_only", "mmn_no_dynamic_weight", "dnn",
-    # Baselines of the MMN paper's comparison (mmn/compare.py).
-    "esmm", "mmoe_type", "mmoe_scen", "ple_type", "ple_scen", "mt_fwfm", "star",
-    "dpg_full", "dpg_rowcol", "dpg_row", "dpg_col", "mi_dpg",
-)
+from core.contracts import MODEL_KINDS
+
+__all__ = ["COMPARISON_KINDS", "MODEL_KINDS", "PEER_KINDS"]
 
 # The practitioner's peers (training/peers.py): comparison rows fitted on the same rows as
 # the networks, not zoo networks; tests/test_peers.py checks the fitters match this list.

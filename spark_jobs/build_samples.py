@@ -58,9 +58,10 @@ from pyspark import StorageLevel  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from core.config import PipelineConfig, add_config_arguments, load_config  # noqa: E402
+from core.config import ConfigError, PipelineConfig, add_config_arguments, load_config  # noqa: E402
 from core.contracts import DOMAIN_COLUMNS, TS, sample_id_column  # noqa: E402
 from core.raw_inputs import MissingRawLogsError, require_impressions  # noqa: E402
+from core.schedule import parse_day  # noqa: E402
 from core.threads import policy_for, spark_master  # noqa: E402
 from spark_jobs.impressions import (  # noqa: E402
     conflicting_raw,
@@ -234,9 +235,9 @@ def create_session(cfg: PipelineConfig, app_name: str = "mmn-build-samples") -> 
 
 def _day(text: str) -> str:
     try:
-        return dt.date.fromisoformat(text).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+        return parse_day(text).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,12 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spark-submit spark_jobs/build_samples.py",
         description="Build one impression day's samples (Parquet), quarantine and manifest from the raw logs.")
     parser.add_argument("--day", required=True, type=_day, help="impression day, YYYY-MM-DD")
+    parser.add_argument("--config-hash", help="refuse to run unless the effective config (--config, "
+                        "$MMN__*, --set) has this hash: the submitter's (mmn.build.build_job_args)")
     return add_config_arguments(parser)
+
+
+def job_config(args: argparse.Namespace) -> PipelineConfig:
+    """The job's effective config from its arguments, checked against the submitter's hash."""
+    cfg = load_config(args.config, overrides=args.overrides)
+    if args.config_hash and cfg.config_hash() != args.config_hash:
+        raise ConfigError(
+            f"the build job's effective config (hash {cfg.config_hash()}) is not the submitter's "
+            f"({args.config_hash}): an MMN__* variable of the job's environment differs from the "
+            "submitter's; set the value with --set or align the environments")
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, overrides=args.overrides)
+    cfg = job_config(args)
     _require_impressions(cfg, args.day)  # fail fast, before starting a JVM
     spark = create_session(cfg)
     spark.sparkContext.setLogLevel("WARN")

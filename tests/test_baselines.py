@@ -15,6 +15,7 @@ from training.losses import mmn_loss
 from training.models import MIDPG, PLE, STAR, available_models, build_model
 from training.models import dpg as dpg_module
 from training.models.dpg import DPG, VARIANTS
+from training.options import TrainOptions
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -335,8 +336,8 @@ def test_trainer_adds_the_auxiliary_loss(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(MIDPG, "auxiliary_loss", spy)
-    result = train(cfg, ["2024-03-01"], model_kind="mi_dpg", max_steps=3, progress=False,
-                   log_every_steps=1)
+    result = train(cfg, ["2024-03-01"], TrainOptions(model_kind="mi_dpg", max_steps=3, progress=False,
+                                                     log_every_steps=1))
     assert result.steps == 3 and len(calls) == 3 and all(c != 0.0 for c in calls)
     assert len(result.history) == 3
 

@@ -307,6 +307,31 @@ def test_missing_day_is_a_clear_error(spark, tmp_path) -> None:  # noqa: F811
         build_day(spark, cfg, "2030-01-02")
 
 
+def test_set_overrides_reach_the_spark_job(tmp_path, monkeypatch) -> None:
+    """Issue 17 item 8: spark-submit got only --config, so `mmn build --set paths.lake_root=X`
+    built into the old lake. The job's arguments now carry the effective config."""
+    import re
+
+    from core.config import ConfigError
+    from mmn.build import BUILD_JOB, spark_submit_command
+    from spark_jobs.build_samples import build_parser, job_config
+
+    cfg = load_config(overrides=[f"paths.lake_root={tmp_path / 'lake'}", f"paths.raw_root={tmp_path / 'raw'}",
+                                 "spark.output_files_per_day=1"])
+    command = spark_submit_command(cfg, "2030-01-02")
+    job_args = command[command.index(str(BUILD_JOB)) + 1:]
+    job_cfg = job_config(build_parser().parse_args(job_args))
+    assert job_cfg.paths.lake_root == tmp_path / "lake" and job_cfg.spark.output_files_per_day == 1
+    assert job_cfg.config_hash() == cfg.config_hash()
+    with monkeypatch.context() as patched:  # the job's environment overrides a key the submitter did not
+        patched.setenv("MMN__TRAINING__EPOCHS", str(cfg.training.epochs + 1))
+        with pytest.raises(ConfigError, match="not the submitter's"):
+            job_config(build_parser().parse_args(job_args))
+    # The entry point itself reads the overridden raw root (it fails before starting a JVM).
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path / "raw"))):
+        build_main(job_args)
+
+
 def test_python_udf_runs(spark) -> None:  # noqa: F811
     """pyspark-client overwriting pyspark's Python files breaks exactly this."""
     from pyspark.sql import functions as F

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import PipelineConfig, add_config_arguments, load_config
+from core.schedule import parse_day
 from core.vocab import commit_staged_vocab, load_day_vocab, load_vocab, staged_conflict
 from validation.baseline import load_trailing_stats, read_manifest
 from validation.docs import data_docs_dir, write_index
@@ -182,9 +183,9 @@ def _spark_session(cfg: PipelineConfig) -> Any:
 
 def _iso_day(text: str) -> str:
     try:
-        return date.fromisoformat(text).isoformat()
+        return parse_day(text).isoformat()
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD day: {text!r}") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
