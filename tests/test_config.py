@@ -145,8 +145,9 @@ def test_a_section_built_with_replace_is_checked_too():
 
 
 def test_every_numeric_key_states_its_range():
-    """A new int/float key must be given a rule in core.config._RULES (a range or 'any')."""
+    """A new int/float key must be given a rule in core.config_checks.RULES (a range or 'any')."""
     from core import config as config_module
+    from core import config_checks
 
     cfg = load_config(environ={})
     unruled = []
@@ -158,7 +159,7 @@ def test_every_numeric_key_states_its_range():
         hints = typing.get_type_hints(type(value))
         for f in dataclasses.fields(value):
             key = f"{section.name}.{f.name}"
-            if key not in config_module._RULES and re.search(r"\b(int|float)\b", str(hints[f.name])):
+            if key not in config_checks.RULES and re.search(r"\b(int|float)\b", str(hints[f.name])):
                 unruled.append(key)
     assert not unruled
 
