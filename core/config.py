@@ -202,6 +202,21 @@ class Gate(_Section):
 
 
 @dataclass(frozen=True)
+class Zoo(_Section):
+    """Hyperparameters of the zoo's baselines (MMN's own are in ``model``); defaults equal
+    conf/pipeline.yaml's, for model bundles saved before the section existed."""
+
+    mmoe_experts: int = 4
+    ple_shared_experts: int = 2
+    ple_specific_experts: int = 1
+    dpg_rank: int = 4
+    dpg_generator_hidden: int = 16
+    mi_dpg_weight: float = 0.1
+    mi_dpg_discriminator_hidden: int = 32
+    mi_dpg_rows: int = 512  # rows per batch the MI discriminator scores (caps its cost)
+
+
+@dataclass(frozen=True)
 class Evaluation(_Section):
     """How holdout metrics are summarized (the gate reads one of them by name)."""
 
@@ -329,6 +344,7 @@ class PipelineConfig:
     windows: Windows
     generator: Generator
     model: Model
+    zoo: Zoo
     training: Training
     gate: Gate
     evaluation: Evaluation
@@ -527,6 +543,7 @@ def _build(data: dict[str, Any], source: Path, from_bundle: bool = False) -> Pip
         windows=section(Windows, "windows"),
         generator=section(Generator, "generator"),
         model=section(Model, "model"),
+        zoo=section(Zoo, "zoo"),
         training=section(Training, "training"),
         gate=section(Gate, "gate"),
         evaluation=section(Evaluation, "evaluation"),

@@ -47,10 +47,6 @@ from training.models.mmoe import DENSE_MAX_ELEMS
 from training.models.zoo import ModelFactory, register_model
 
 VARIANTS = ("full", "rowcol", "row", "col")
-DEFAULT_RANK = 4
-DEFAULT_GENERATOR_HIDDEN = 16
-DEFAULT_MI_WEIGHT = 0.1
-DEFAULT_MI_ROWS = 512  # rows per batch scored by the discriminator (caps its cost)
 COMPOSE_MAX_ELEMS = 1 << 24  # per layer: compose W(d) for the present domains up to this size
 LOG_4 = math.log(4.0)
 
@@ -141,8 +137,8 @@ class DPG(CVRModel):
         n_types: int,
         n_scenarios: int,
         variant: str = "rowcol",
-        rank: int = DEFAULT_RANK,
-        generator_hidden: int = DEFAULT_GENERATOR_HIDDEN,
+        rank: int = 4,
+        generator_hidden: int = 16,
         field_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
@@ -161,6 +157,13 @@ class DPG(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     **kwargs: object) -> DPG:
+        """From ``cfg.model`` and ``cfg.zoo`` (MI-DPG's regularizer settings included)."""
+        kwargs.setdefault("rank", cfg.zoo.dpg_rank)
+        kwargs.setdefault("generator_hidden", cfg.zoo.dpg_generator_hidden)
+        if issubclass(cls, MIDPG):
+            kwargs.setdefault("mi_weight", cfg.zoo.mi_dpg_weight)
+            kwargs.setdefault("discriminator_hidden", cfg.zoo.mi_dpg_discriminator_hidden)
+            kwargs.setdefault("mi_rows", cfg.zoo.mi_dpg_rows)
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
                    n_scenarios=n_scenarios, **kwargs)  # type: ignore[arg-type]
 
@@ -208,8 +211,8 @@ class MIDPG(DPG):
 
     kind = "mi_dpg"
 
-    def __init__(self, *args: object, mi_weight: float = DEFAULT_MI_WEIGHT,
-                 discriminator_hidden: int = 32, mi_rows: int = DEFAULT_MI_ROWS,
+    def __init__(self, *args: object, mi_weight: float = 0.1,
+                 discriminator_hidden: int = 32, mi_rows: int = 512,
                  **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if mi_weight < 0:
@@ -280,5 +283,5 @@ for _variant in VARIANTS:
 
 @register_model("mi_dpg")
 def _build_mi_dpg(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MIDPG:
-    """MI-DPG: the row- and column-specific DPG plus the MI regularizer (lambda 0.1)."""
+    """MI-DPG: the row- and column-specific DPG plus the MI regularizer (zoo.mi_dpg_weight)."""
     return MIDPG.from_config(cfg, n_types, n_scenarios, variant="rowcol")  # type: ignore[return-value]

@@ -24,7 +24,6 @@ from training.models.grouped import GroupPlan
 from training.models.zoo import register_model
 
 TASK_AXES = ("type", "scenario")
-DEFAULT_EXPERTS = 4
 # Per-group layers with in*out at most this select weights by a one-hot matmul (G times
 # the flops, no per-group dispatch); larger ones run one grouped matmul per present group.
 DENSE_MAX_ELEMS = 1024
@@ -138,7 +137,7 @@ class MMoE(CVRModel):
         n_types: int,
         n_scenarios: int,
         task_axis: str = "type",
-        n_experts: int = DEFAULT_EXPERTS,
+        n_experts: int = 4,
         expert_hidden: Sequence[int] | None = None,
         tower_hidden: Sequence[int] | None = None,
         field_names: Sequence[str] | None = None,
@@ -158,6 +157,7 @@ class MMoE(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     task_axis: str = "type", **kwargs: object) -> MMoE:
+        kwargs.setdefault("n_experts", cfg.zoo.mmoe_experts)
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
                    n_scenarios=n_scenarios, task_axis=task_axis, **kwargs)  # type: ignore[arg-type]
 

@@ -28,9 +28,6 @@ from training.models.grouped import GroupPlan
 from training.models.mmoe import ExpertBank, RoutedTower, routed_linear, split_hidden, task_count, uniform_
 from training.models.zoo import register_model
 
-DEFAULT_SHARED_EXPERTS = 2
-DEFAULT_SPECIFIC_EXPERTS = 1
-
 
 class ExtractionLevel(nn.Module):
     """One PLE level: shared experts, K x n_specific task experts, K task gates, and
@@ -104,8 +101,8 @@ class PLE(CVRModel):
         n_types: int,
         n_scenarios: int,
         task_axis: str = "type",
-        n_shared: int = DEFAULT_SHARED_EXPERTS,
-        n_specific: int = DEFAULT_SPECIFIC_EXPERTS,
+        n_shared: int = 2,
+        n_specific: int = 1,
         level_dims: Sequence[int] | None = None,
         tower_hidden: Sequence[int] | None = None,
         field_names: Sequence[str] | None = None,
@@ -127,6 +124,8 @@ class PLE(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     task_axis: str = "type", **kwargs: object) -> PLE:
+        kwargs.setdefault("n_shared", cfg.zoo.ple_shared_experts)
+        kwargs.setdefault("n_specific", cfg.zoo.ple_specific_experts)
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types,
                    n_scenarios=n_scenarios, task_axis=task_axis, **kwargs)  # type: ignore[arg-type]
 
