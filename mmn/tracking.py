@@ -145,9 +145,10 @@ def log_day_datasets(cfg: PipelineConfig, train_days: list[str], holdout_day: st
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    contexts = {d: "training" for d in train_days}
-    # A cold start trains on a hash split of the holdout day: one dataset, both roles.
-    contexts[holdout_day] = "training+holdout" if holdout_day in contexts else "holdout"
+    # The holdout first: the runs table's Dataset column shows a run's first input. A cold
+    # start trains on a hash split of the holdout day: one dataset, both roles.
+    contexts = {holdout_day: "training+holdout" if holdout_day in train_days else "holdout"}
+    contexts.update({d: "training" for d in train_days if d != holdout_day})
     for day, context in contexts.items():
         path = cfg.paths.samples_dir(day)
         with warnings.catch_warnings():  # the local path matches two equivalent source kinds
@@ -183,9 +184,20 @@ def gate_note(summary: Mapping[str, Any]) -> str:
     return f"Impression day {summary.get('day')}: challenger {verb}{version} — {summary.get('reason', '')}."
 
 
+def gated_run_name(kind: str, summary: Mapping[str, Any]) -> str:
+    """A gated run's name: model, day, decision (and version), the gate metric's value,
+    e.g. ``mmn 2026-11-03 · promoted v3 · auc_type 0.581``."""
+    version = f" v{summary['version']}" if summary.get("version") else ""
+    metric = summary.get("metric") or ""
+    short = {key: name for name, key in HEADLINE.items()}.get(metric, metric)
+    score = summary.get("challenger")
+    scored = f" · {short} {float(score):.3f}" if score is not None else ""
+    return f"{kind} {summary.get('day')} · {summary.get('decision')}{version}{scored}"
+
+
 def record_gate(cfg: PipelineConfig, summary: Mapping[str, Any]) -> str:
     """After the gate: the run's description (``mlflow.note.content``) says the decision in
-    one sentence, and the registered version gets its description (what it is, what it
+    one sentence, its name gets the decision and score (gated_run_name), and the registered version gets its description (what it is, what it
     reads, the decision). Idempotent. Returns the run's MLflow UI address."""
     from mlflow import MlflowClient
 
@@ -195,9 +207,11 @@ def record_gate(cfg: PipelineConfig, summary: Mapping[str, Any]) -> str:
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
     note = gate_note(summary)
+    kind = run.data.tags.get("model_kind", cfg.model.kind)
     client.set_tag(run.info.run_id, "mlflow.note.content", note)
+    # The runs table shows run names without configuring anything: day, model, decision, score.
+    client.set_tag(run.info.run_id, "mlflow.runName", gated_run_name(kind, summary))
     if summary.get("version"):
-        kind = run.data.tags.get("model_kind", cfg.model.kind)
         client.update_model_version(cfg.mlflow.registered_model, str(summary["version"]),
                                     description=f"{model_description(cfg, kind, str(summary['day']))}\n\n{note}")
     return mlflow_run_url(cfg, run.info.experiment_id, run.info.run_id)

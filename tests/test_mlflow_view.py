@@ -186,6 +186,8 @@ def test_description_model_name_datasets_and_version_description(two_days):
         run = client.get_run(info["run_id"])
         note = run.data.tags["mlflow.note.content"]
         assert day in note and info["summary"]["decision"] in note and info["summary"]["reason"] in note
+        name = run.data.tags["mlflow.runName"]
+        assert name.startswith(f"mmn {day} · {info['summary']['decision']}") and "auc_overall 0." in name
         assert run.data.tags["model_uri"].startswith("models:/")
         model = client.get_logged_model(run.data.tags["model_uri"].split("/")[-1])
         assert model.name == logged_model_name("mmn") != "model"
