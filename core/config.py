@@ -370,7 +370,7 @@ class PipelineConfig:
     def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> PipelineConfig:
         """A copy with ``section.key=value`` overrides applied (validated again)."""
         merged = copy.deepcopy(self.raw)
-        _apply_overrides(merged, _parse_overrides(overrides))
+        apply_overrides(merged, parse_overrides(overrides))
         return _build(merged, self.source)
 
     def to_json(self) -> str:
@@ -386,7 +386,7 @@ class PipelineConfig:
         if not self.source.is_file():
             raise ConfigError(f"config {self.source} is not a file: no overrides relative to it")
         base = yaml.safe_load(self.source.read_text())
-        return [f"{key}={_yaml_text(value)}" for key, value in _differences(base, self.raw)]
+        return [f"{key}={yaml_text(value)}" for key, value in differences(base, self.raw)]
 
 
 def load_config(
@@ -402,8 +402,8 @@ def load_config(
     data = yaml.safe_load(config_path.read_text())
     if not isinstance(data, dict):
         raise ConfigError(f"{config_path} must hold a mapping at its top level")
-    _apply_overrides(data, _env_overrides(env))
-    _apply_overrides(data, _parse_overrides(overrides))
+    apply_overrides(data, env_overrides(env))
+    apply_overrides(data, parse_overrides(overrides))
     return _build(data, config_path)
 
 
@@ -423,68 +423,6 @@ def config_from_mapping(data: Mapping[str, Any], source: str | os.PathLike[str] 
     default, which is the behaviour the code had before the key (so today's code can still
     load and gate against an older champion). A YAML file must name every key."""
     return _build(copy.deepcopy(dict(data)), Path(source), from_bundle=True)
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for name, value in env.items():
-        if name.startswith(ENV_PREFIX) and name.count("__") >= 2:
-            dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
-            found[dotted] = _yaml_value(value)
-    return found
-
-
-def _differences(base: Any, effective: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, effective value) of each leaf where ``effective`` differs from ``base``; a
-    mapping whose keys changed is one leaf (an override may only replace existing keys)."""
-    if base == effective:
-        return []
-    if isinstance(base, dict) and isinstance(effective, dict) and set(base) == set(effective):
-        return [d for key in effective for d in _differences(base[key], effective[key], f"{prefix}{key}.")]
-    if not prefix:
-        raise ConfigError("the effective config's sections differ from its source file's")
-    return [(prefix[:-1], effective)]
-
-
-def _yaml_text(value: Any) -> str:
-    """``value`` as one YAML flow text that :func:`_yaml_value` reads back equal."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
-    return text.removesuffix("\n...\n").rstrip("\n")
-
-
-def _yaml_value(text: str) -> Any:
-    """An override's value parsed as YAML; text YAML cannot read (``@daily``, ``2026-13-01``,
-    which PyYAML takes for a bad date) stays a string, for its key's check to judge."""
-    try:
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError):
-        return text
-
-
-def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    parsed: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        parsed[key.strip()] = _yaml_value(value)
-    return parsed
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted!r}: {part!r} is not a config section")
-            node = child
-        if leaf not in node:
-            raise ConfigError(f"override {dotted!r}: unknown key {leaf!r}")
-        node[leaf] = value
 
 
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -605,5 +543,6 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"feature names repeat: {names}")
 
 
-# At the end: the checks import this module's names (ConfigError, the section constants).
+# At the end: these modules import this module's names (ConfigError, the section constants).
 from core.config_checks import coerce, short_repr  # noqa: E402
+from core.overrides import apply_overrides, differences, env_overrides, parse_overrides, yaml_text  # noqa: E402
