@@ -99,4 +99,8 @@ def gate_day(
         tmp_path = path.with_name(f".{path.name}.{run_id}.tmp")
         tmp_path.write_text(text)
         tmp_path.replace(path)
+    if not dry_run:
+        from mmn.tracking import record_gate
+
+        record_gate(cfg, summary)  # the run's and the version's descriptions, every caller alike
     return summary
