@@ -221,9 +221,10 @@ def test_model_kind_can_pin_the_loss(signal_cfg, monkeypatch):
         return real(model_cfg, *args)
 
     monkeypatch.setattr(distributed_module, "loss_from_config", spy)
+    weighted = signal_cfg.with_overrides({"model.dynamic_weight": True})
     for kind in ("mmn", "mmn_no_dynamic_weight"):
-        train(signal_cfg, DAYS, TrainOptions(model_kind=kind, progress=False, max_steps=2))
-    assert signal_cfg.model.dynamic_weight is True
+        train(weighted, DAYS, TrainOptions(model_kind=kind, progress=False, max_steps=2))
+    assert weighted.model.dynamic_weight is True
     assert seen == [True, True, False, False]
 
 
