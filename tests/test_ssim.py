@@ -250,7 +250,8 @@ def test_reuse_step_loss_adds_the_shared_ctcvr_terms(cfg, shared):
     p_ctr, p_cvr = model(b["features"], b["type_id"], b["scenario_id"])
     main = loss_from_config(loss_cfg, p_ctr, p_cvr, b)
     q_ctr, q_cvr = model(b["features"][rows_t], torch.tensor(t), torch.tensor(s))
-    w = domain_weights(b["type_id"], b["scenario_id"])[rows_t]
+    w = (domain_weights(b["type_id"], b["scenario_id"])[rows_t] if loss_cfg.dynamic_weight
+         else torch.ones(len(rows)))  # each copy carries its home row's CTCVR weight
     extra = (bce(q_ctr * q_cvr, b["conversion"][rows_t]) * w).sum() * (0.7 * cfg.model.alpha / len(b["click"]))
     assert torch.allclose(got.total, main.total + extra, atol=1e-6)
     assert torch.allclose(got.ctcvr, main.ctcvr, atol=1e-6)
