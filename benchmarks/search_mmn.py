@@ -49,6 +49,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                              "training.domain_lr_scale": 1.0, "model.wide": True,
                              "model.ctr_hidden": [256, 128], "model.cvr_hidden": [256, 128]},
 }
+# Regularization of the shared parameters (embedding tables included), from the new defaults.
+for _decay in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1):
+    ABLATIONS[f"shared_l2_{_decay:g}"] = {"training.shared_weight_decay": _decay}
 # The default ablation: every axis the issue names that a single run can move.
 DEFAULT_ABLATION = ("baseline", "no_dynamic_weight", "domain_lr_1.0", "direct_cvr_loss_1.0",
                     "adam_1e-3", "epochs_1", "narrow_towers")

@@ -189,6 +189,7 @@ class Training(_Section):
     initial_accumulator: float = 0.0
     domain_lr_scale: float = 1.0
     domain_weight_decay: float = 0.0  # L2 on the domain-specific parameters only
+    shared_weight_decay: float = 0.0  # L2 on the other parameters (embeddings included)
     checkpoint_retention: int | None = None  # finished checkpoints kept per kind (None: all)
 
 

@@ -233,6 +233,7 @@ RULES: dict[str, Rule] = {
     "training.early_stopping_patience": _at_least(0), "training.eval_every_steps": _at_least(1),
     "training.device": _one_of("auto", "cpu", "cuda"), "training.initial_accumulator": _at_least(0),
     "training.domain_lr_scale": _at_least(0), "training.domain_weight_decay": _at_least(0),
+    "training.shared_weight_decay": _at_least(0),
     "training.checkpoint_retention": _at_least(0),
     "gate.metric": _ranking_metric, "gate.min_delta": _within(-1, 1), "gate.floor": _within(0, 1),
     "gate.min_domain_conversions": _at_least(0), "gate.domain_drop_tolerance": _within(0, 1),

@@ -171,5 +171,6 @@ def test_domain_lr_scale_gives_mmn_deltas_their_own_learning_rate(cfg):
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
     # A model without domain-specific parameters, or scale 1, keeps one group.
     assert len(parameter_groups(scaled, build_model(scaled, 3, 2, "dnn"))) == 1
-    plain = replace(cfg, training=replace(cfg.training, domain_lr_scale=1.0))
-    assert len(parameter_groups(plain, model)) == 1
+    plain = replace(cfg, training=replace(cfg.training, domain_lr_scale=1.0,
+                                          domain_weight_decay=cfg.training.shared_weight_decay))
+    assert len(parameter_groups(plain, model)) == 1  # the same lr and decay for every parameter

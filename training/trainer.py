@@ -143,15 +143,17 @@ def load_validation(cfg: PipelineConfig, days: Sequence[str], ranges: tuple[Buck
 
 def parameter_groups(cfg: PipelineConfig, model: nn.Module) -> list[dict[str, Any]]:
     """The model's parameters for the optimizer: its domain-specific ones (if it names any)
-    in their own group at ``training.domain_lr_scale`` times the learning rate."""
+    in their own group at ``training.domain_lr_scale`` times the learning rate with
+    ``training.domain_weight_decay``; the rest with ``training.shared_weight_decay``."""
     domain = list(getattr(model, "domain_parameters", list)())
     training = training_config(cfg, model)
-    scale, decay = training.domain_lr_scale, training.domain_weight_decay
-    if not domain or (scale == 1.0 and decay == 0.0):
-        return [{"params": list(model.parameters())}]
+    scale, decay, shared_decay = (training.domain_lr_scale, training.domain_weight_decay,
+                                  training.shared_weight_decay)
+    if not domain or (scale == 1.0 and decay == shared_decay):
+        return [{"params": list(model.parameters()), "weight_decay": shared_decay}]
     ids = {id(p) for p in domain}
     shared = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": shared},
+    return [{"params": shared, "weight_decay": shared_decay},
             {"params": domain, "lr": training.learning_rate * scale, "weight_decay": decay}]
 
 

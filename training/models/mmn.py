@@ -311,7 +311,7 @@ def _build_mmn_common(cfg: PipelineConfig, n_types: int, n_scenarios: int) -> MM
 # deltas trained like every other parameter (docs/benchmarks.md measures its cost).
 PAPER_LOSS = {"alpha": 1.0, "dynamic_weight": True, "cvr_loss_weight": 0.0}
 PAPER_TRAINING = {"optimizer": "adagrad", "learning_rate": 0.01, "initial_accumulator": 0.0,
-                  "domain_lr_scale": 1.0, "domain_weight_decay": 0.0}
+                  "domain_lr_scale": 1.0, "domain_weight_decay": 0.0, "shared_weight_decay": 0.0}
 
 
 PAPER_TOWERS = (512, 256, 128, 128)  # CTR and CVR towers' hidden units
