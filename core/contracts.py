@@ -71,9 +71,12 @@ MODEL_KINDS: tuple[str, ...] = (
 # ssim.ratio_metric): AUCs only, since both pick the higher value; loglosses and counts are
 # logged too but lower (or no) values are better there. tests/test_config.py checks these
 # against what the evaluator produces.
+# The per-domain CVR AUC averaged over domains with >= evaluation.min_domain_conversions
+# holdout conversions: the average not dominated by noise from near-empty domains.
+OBSERVED_AVG = "cvr_auc_domain_avg_observed"
 RANKING_METRICS: tuple[str, ...] = (
     "cvr_auc", "cvr_auc_type_avg", "cvr_auc_scenario_avg", "cvr_auc_domain_avg",
-    "cvr_auc_domain_avg_observed", "ctr_auc", "ctcvr_auc",
+    OBSERVED_AVG, "ctr_auc", "ctcvr_auc",
 )
 # Per-domain CVR AUCs, named by vocabulary value: cvr_auc_type/<type>,
 # cvr_auc_scenario/<scenario>, cvr_auc_domain/<type>/<scenario>.

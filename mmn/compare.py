@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import PipelineConfig, add_config_arguments, load_config
+from core.contracts import OBSERVED_AVG
 from mmn import peer_runs
 from mmn.model_kinds import COMPARISON_KINDS, PEER_KINDS
 
@@ -39,7 +40,6 @@ ARTIFACT_DIR = "comparison"
 GAIN_BASE, GAIN_MODEL = "dnn", "mmn"  # the heatmap: MMN's gain over the DNN baseline
 PARAM_COLUMNS = ("n_params", "n_domain_param_sets")
 ORACLE_ROW = "oracle"  # the generator's true probabilities on the same rows
-OBSERVED_AVG = "cvr_auc_domain_avg_observed"  # training.metrics.OBSERVED_AVG (torch-free here)
 SUMMARY_COLUMNS = ("type_avg", "scenario_avg", "domain_avg", "observed_domain_avg", "overall")
 # Columns kept from each model's holdout predictions for the bootstrap (clicked rows only).
 BOOTSTRAP_COLUMNS = ("type_id", "scenario_id", "click", "conversion", "p_cvr", "oracle_p_conversion")

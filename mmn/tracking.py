@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.config import REPO_ROOT, PipelineConfig
+from core.contracts import OBSERVED_AVG
 
 
 def setup_mlflow(cfg: PipelineConfig, experiment: str | None = None) -> str:
@@ -71,7 +72,7 @@ def metrics_to_log(metrics: Mapping[str, Any], *, prefix: str = "", per_domain: 
 HEADLINE = {
     "auc_type": "cvr_auc_type_avg",
     "auc_scenario": "cvr_auc_scenario_avg",
-    "auc_observed": "cvr_auc_domain_avg_observed",
+    "auc_observed": OBSERVED_AVG,
     "auc_overall": "cvr_auc",
 }
 CHAMPION_PREFIX = "champ_"

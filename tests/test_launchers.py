@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ import psutil
 import pytest
 
 from core.config import REPO_ROOT, load_config
+from mmn.processes import http_ok
 
 STAMP = ".venv/.installed"
 LOOPBACK_ADDRESSES = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -69,14 +69,6 @@ def _port_listens(port: int) -> bool:
                for c in psutil.net_connections(kind="inet"))
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 class Launched:
     """A `make` target running in its own session, with its output in a log file."""
 
@@ -98,7 +90,7 @@ class Launched:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.snapshot()
-            if _http_ok(url):
+            if http_ok(url):
                 return
             if self.proc.poll() is not None:
                 pytest.fail(f"make exited with {self.proc.returncode} before {url} answered:\n{self.output()}")

@@ -20,12 +20,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from core.config import PipelineConfig
+from core.contracts import OBSERVED_AVG
 from training.data import SampleStream, batch_to_device
 
 LOG_EPS = 1e-7
-# Per-domain CVR AUC averaged over domains with >= evaluation.min_domain_conversions
-# holdout conversions: the average that is not dominated by noise from near-empty domains.
-OBSERVED_AVG = "cvr_auc_domain_avg_observed"
 
 
 def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
