@@ -247,10 +247,6 @@ class PeerModel(nn.Module):
         # predict_rows reads the device off the first parameter; a peer lives on the CPU.
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
-    @property
-    def n_domain_param_sets(self) -> int:
-        return 1
-
     def forward(self, features: torch.Tensor, type_id: torch.Tensor,
                 scenario_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = features.shape[0]
