@@ -52,6 +52,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # Regularization of the shared parameters (embedding tables included), from the new defaults.
 for _decay in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1):
     ABLATIONS[f"shared_l2_{_decay:g}"] = {"training.shared_weight_decay": _decay}
+# Round two, one change at a time from the defaults with the shared L2 (0.01).
+ABLATIONS.update({
+    "l2_epochs_1": {"training.epochs": 1},
+    "l2_epochs_5": {"training.epochs": 5},
+    "l2_lr_0.005": {"training.learning_rate": 0.005},
+    "l2_lr_0.02": {"training.learning_rate": 0.02},
+    "l2_domain_l2_1e-3": {"training.domain_weight_decay": 1e-3},
+    "l2_domain_l2_1e-2": {"training.domain_weight_decay": 1e-2},
+    "l2_domain_lr_3.0": {"training.domain_lr_scale": 3.0},
+    "l2_embedding_16": {"model.embedding_dim": 16},
+    "l2_batch_4096": {"training.batch_size": 4096},
+    "l2_no_wide": {"model.wide": False},
+})
 # The default ablation: every axis the issue names that a single run can move.
 DEFAULT_ABLATION = ("baseline", "no_dynamic_weight", "domain_lr_1.0", "direct_cvr_loss_1.0",
                     "adam_1e-3", "epochs_1", "narrow_towers")
