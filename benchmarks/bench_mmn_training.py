@@ -23,8 +23,8 @@ import torch
 
 from core.config import PipelineConfig, load_config
 from training.losses import loss_from_config
-from training.models import build_model, loss_config
-from training.trainer import make_optimizer, parameter_groups, resolve_device
+from training.models import build_model, loss_config, training_config
+from training.trainer import make_optimizer, parameter_groups, resolve_device, sparse_gradients_allowed
 
 
 def synthetic_batch(cfg: PipelineConfig, n_types: int, n_scenarios: int, batch_size: int,
@@ -53,10 +53,13 @@ class TrainRunner:
     """One model + optimizer + fixed batches; ``run(k)`` times k full training steps."""
 
     def __init__(self, cfg: PipelineConfig, kind: str, naive: bool, n_types: int,
-                 n_scenarios: int, device: torch.device) -> None:
+                 n_scenarios: int, device: torch.device, dense_grads: bool = False) -> None:
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
         self.model = build_model(cfg, n_types, n_scenarios, kind).to(device).train()
+        # The trainer's policy (sparse gradients for large domain tables where allowed).
+        self.model.use_sparse_gradients(not dense_grads and sparse_gradients_allowed(
+            training_config(cfg, self.model), world_size=1))
         self.forward: Callable = self.model.forward_naive if naive else self.model.forward  # type: ignore
         self.opt = make_optimizer(cfg, parameter_groups(cfg, self.model), device)
         self.batches = [synthetic_batch(cfg, n_types, n_scenarios, cfg.training.batch_size, s, device)
@@ -108,16 +111,19 @@ def predict_latency(cfg: PipelineConfig, kind: str, n_types: int, n_scenarios: i
     return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def training_variant(name: str) -> tuple[str, str, bool]:
-    """(name, model kind, naive?): ``mmn_naive`` / ``mmn_fast`` are MMN's two forward paths;
-    any other name is a registered model kind (``all`` is expanded by the caller)."""
+def training_variant(name: str) -> tuple[str, str, bool, bool]:
+    """(name, model kind, naive?, dense gradients?): ``mmn_naive`` / ``mmn_fast`` are MMN's two
+    forward paths, ``mmn_dense`` the fast path with dense gradients for the wide term's domain
+    tables (the lever's baseline); any other name is a registered model kind (``all`` is
+    expanded by the caller)."""
     from training.models import MODEL_REGISTRY
 
-    if name in ("mmn_naive", "mmn_fast"):
-        return name, "mmn", name == "mmn_naive"
+    if name in ("mmn_naive", "mmn_fast", "mmn_dense"):
+        return name, "mmn", name == "mmn_naive", name == "mmn_dense"
     if name not in MODEL_REGISTRY:
-        raise SystemExit(f"unknown variant {name!r}: mmn_naive, mmn_fast or one of {sorted(MODEL_REGISTRY)}")
-    return name, name, False
+        raise SystemExit(f"unknown variant {name!r}: mmn_naive, mmn_fast, mmn_dense or one of "
+                         f"{sorted(MODEL_REGISTRY)}")
+    return name, name, False, False
 
 
 def main() -> None:
@@ -152,8 +158,8 @@ def main() -> None:
     variants = [training_variant(name) for name in args.variants.split(",")]
     for n_types, n_scenarios in shapes:
         shape = f"{n_types}x{n_scenarios}"
-        runners = {name: TrainRunner(cfg, kind, naive, n_types, n_scenarios, device)
-                   for name, kind, naive in variants}
+        runners = {name: TrainRunner(cfg, kind, naive, n_types, n_scenarios, device, dense)
+                   for name, kind, naive, dense in variants}
         for name, runner in runners.items():
             runner.run(1 if name == "mmn_naive" else args.warmup, record=False)
         for _ in range(args.rounds):  # interleaved, so background load hits every variant alike

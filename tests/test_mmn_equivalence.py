@@ -174,3 +174,46 @@ def test_domain_lr_scale_gives_mmn_deltas_their_own_learning_rate(cfg):
     plain = replace(cfg, training=replace(cfg.training, domain_lr_scale=1.0,
                                           domain_weight_decay=cfg.training.shared_weight_decay))
     assert len(parameter_groups(plain, model)) == 1  # the same lr and decay for every parameter
+
+
+def _train_steps(cfg, sparse: bool, steps: int = 6) -> tuple[MMN, list[dict]]:
+    """A few Adagrad steps of the wide MMN through the trainer's parameter groups."""
+    from training.trainer import make_optimizer, parameter_groups
+
+    model = _model(cfg, "wide", seed=4)
+    model.use_sparse_gradients(sparse)
+    groups = parameter_groups(cfg, model)
+    optimizer = make_optimizer(cfg, groups, torch.device("cpu"))
+    for step in range(steps):
+        feats, types, scenarios = _batch(cfg, seed=10 + step)
+        optimizer.zero_grad(set_to_none=True)
+        p_ctr, p_cvr = model(feats, types, scenarios)
+        (p_ctr.sum() - torch.log(p_cvr).sum()).backward()
+        optimizer.step()
+    return model, groups
+
+
+def test_sparse_wide_gradients_train_exactly_like_dense_ones(cfg):
+    """The wide term's domain tables with sparse gradients and Adagrad's sparse step: the same
+    parameters after several steps as dense gradients and the fused dense step (untouched rows
+    stay where a zero gradient leaves them)."""
+    from dataclasses import replace
+
+    from training.trainer import sparse_gradients_allowed
+
+    assert sparse_gradients_allowed(cfg.training, world_size=1)
+    sparse_model, groups = _train_steps(cfg, sparse=True)
+    dense_model, dense_groups = _train_steps(cfg, sparse=False)
+    tables = {id(t.weight) for t in sparse_model.wide.domain_tables()}
+    assert [g.get("fused") for g in groups if {id(p) for p in g["params"]} & tables] == [False]
+    assert len(groups) == len(dense_groups) + 1
+    assert sparse_model.wide.by_type.weight.grad.is_sparse
+    dense_state = dense_model.state_dict()
+    for name, value in sparse_model.state_dict().items():
+        torch.testing.assert_close(value, dense_state[name], atol=1e-5, rtol=1e-5, msg=name)
+    moved = sparse_model.wide.by_type.weight.detach() != _model(cfg, "wide", seed=4).wide.by_type.weight
+    assert 0 < int(moved.sum()) < moved.numel()  # some rows trained, most untouched
+    # Where the optimizer could not take them, the trainer keeps gradients dense.
+    assert not sparse_gradients_allowed(cfg.training, world_size=2)
+    assert not sparse_gradients_allowed(replace(cfg.training, optimizer="adam"), world_size=1)
+    assert not sparse_gradients_allowed(replace(cfg.training, domain_weight_decay=1e-4), world_size=1)

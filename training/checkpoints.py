@@ -24,7 +24,8 @@ from core.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "latest.pt"
-CHECKPOINT_FORMAT = 1
+# 2: the optimizer has a group of its own for sparse-gradient tables (MMN's wide deltas).
+CHECKPOINT_FORMAT = 2
 
 
 def run_fingerprint(cfg: PipelineConfig, days: Sequence[str], kind: str, split: str | None,

@@ -63,6 +63,7 @@ __all__ = [
     "CHECKPOINT_FILE", "DEFAULT_MAX_VAL_ROWS", "DistInfo", "LogFn", "NonFiniteLossError",
     "SliceRanges", "TrainOptions", "TrainResult", "global_batch_loss", "init_distributed",
     "load_validation", "lockstep", "make_optimizer", "parameter_groups", "resolve_device",
+    "sparse_gradients_allowed", "split_sparse",
     "slice_ranges", "train", "validate", "vocab_sizes",
 ]
 
@@ -150,11 +151,42 @@ def parameter_groups(cfg: PipelineConfig, model: nn.Module) -> list[dict[str, An
     scale, decay, shared_decay = (training.domain_lr_scale, training.domain_weight_decay,
                                   training.shared_weight_decay)
     if not domain or (scale == 1.0 and decay == shared_decay):
-        return [{"params": list(model.parameters()), "weight_decay": shared_decay}]
-    ids = {id(p) for p in domain}
-    shared = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": shared, "weight_decay": shared_decay},
-            {"params": domain, "lr": training.learning_rate * scale, "weight_decay": decay}]
+        groups = [{"params": list(model.parameters()), "weight_decay": shared_decay}]
+    else:
+        ids = {id(p) for p in domain}
+        shared = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": shared, "weight_decay": shared_decay},
+                  {"params": domain, "lr": training.learning_rate * scale, "weight_decay": decay}]
+    return split_sparse(groups, list(getattr(model, "sparse_parameters", list)()))
+
+
+def split_sparse(groups: list[dict[str, Any]], sparse: list[nn.Parameter]) -> list[dict[str, Any]]:
+    """Each group's sparse-gradient parameters moved to a group of their own with the same
+    settings and no fused kernel (torch's fused Adagrad takes dense gradients only)."""
+    if not sparse:
+        return groups
+    ids = {id(p) for p in sparse}
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        dense = [p for p in group["params"] if id(p) not in ids]
+        moved = [p for p in group["params"] if id(p) in ids]
+        if moved and group.get("weight_decay", 0.0):
+            raise ValueError("sparse gradients take no weight decay: turn them off for this group")
+        out += [{**group, "params": dense}] if dense else []
+        out += [{**group, "params": moved, "fused": False}] if moved else []
+    return out
+
+
+# torch's sparse Adagrad step builds COO tensors from a coalesced gradient's own indices.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+def sparse_gradients_allowed(training: Training, world_size: int) -> bool:
+    """Sparse gradients for the models' large domain tables (``CVRModel.sparse_capable_tables``)
+    where they give the same numbers as dense ones: Adagrad (its sparse step leaves untouched
+    rows as a zero gradient would), no weight decay on the domain parameters, one process
+    (DDP's gradient buckets and NCCL take dense gradients)."""
+    return training.optimizer == "adagrad" and training.domain_weight_decay == 0 and world_size == 1
 
 
 def make_optimizer(cfg: PipelineConfig, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
@@ -212,6 +244,7 @@ def train(cfg: PipelineConfig, train_days: Sequence[str], options: TrainOptions 
 
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg, n_types, n_scenarios, kind).to(device)
+    model.use_sparse_gradients(sparse_gradients_allowed(training_config(cfg, model), info.world_size))
     net: nn.Module = model
     if info.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None

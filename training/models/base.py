@@ -59,6 +59,21 @@ class CVRModel(nn.Module):
         deltas); the optimizer can give them their own learning rate. None by default."""
         return []
 
+    def sparse_capable_tables(self) -> list[nn.Embedding]:
+        """Embedding tables whose gradient may be sparse (only the rows a batch gathers): large
+        tables that only some rows touch and that no weight decay reaches. None by default."""
+        return []
+
+    def use_sparse_gradients(self, enabled: bool) -> None:
+        """Switch :meth:`sparse_capable_tables` to sparse gradients (the trainer decides: the
+        optimizer must take them, see ``training.trainer.sparse_gradients_allowed``)."""
+        for table in self.sparse_capable_tables():
+            table.sparse = enabled
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients are sparse now (their own optimizer group)."""
+        return [t.weight for t in self.sparse_capable_tables() if t.sparse]
+
     @property
     def n_domain_param_sets(self) -> int:
         """Number of separately learned CVR parameter sets (1 for a single shared tower)."""

@@ -142,6 +142,12 @@ class ComposedWide(nn.Module):
     def domain_parameters(self) -> list[nn.Parameter]:
         return [self.by_type.weight, self.by_scenario.weight]
 
+    def domain_tables(self) -> list[nn.Embedding]:
+        """The per-type and per-scenario tables: (N_t + N_s) x every id, of which a batch
+        touches a few thousand rows, so a dense gradient and optimizer step over them cost
+        more than the rest of MMN's step (docs/benchmarks.md, training speed)."""
+        return [self.by_type, self.by_scenario]
+
     def forward(self, features: torch.Tensor, type_id: torch.Tensor, scenario_id: torch.Tensor) -> torch.Tensor:
         """The wide logit [B] of each row in its own domain (ids checked by the embedding)."""
         ids = features.long() + self.offsets
@@ -194,6 +200,9 @@ class MMN(CVRModel):
         tower = self.cvr_tower
         wide = self.wide.domain_parameters() if self.wide is not None else []
         return [*tower.weight_type, *tower.bias_type, *tower.weight_scenario, *tower.bias_scenario, *wide]
+
+    def sparse_capable_tables(self) -> list[nn.Embedding]:
+        return self.wide.domain_tables() if self.wide is not None else []
 
     def _wide_logit(self, features: torch.Tensor, type_id: torch.Tensor,
                     scenario_id: torch.Tensor) -> torch.Tensor | float:
