@@ -64,6 +64,13 @@ ABLATIONS.update({
     "l2_embedding_16": {"model.embedding_dim": 16},
     "l2_batch_4096": {"training.batch_size": 4096},
     "l2_no_wide": {"model.wide": False},
+    # The wide term on fewer fields: the ids' effects left to the shared embeddings, which
+    # the CTR task trains on every impression (the wide term learns from clicked rows only).
+    "wide_no_user": {"model.wide_fields": ["ad_id", "advertiser_id", "ad_category", "device_os",
+                                           "user_age", "bid_price"]},
+    "wide_mid_card": {"model.wide_fields": ["advertiser_id", "ad_category", "device_os", "user_age",
+                                            "bid_price"]},
+    "wide_low_card": {"model.wide_fields": ["ad_category", "device_os", "user_age", "bid_price"]},
 })
 # The default ablation: every axis the issue names that a single run can move.
 DEFAULT_ABLATION = ("baseline", "no_dynamic_weight", "domain_lr_1.0", "direct_cvr_loss_1.0",

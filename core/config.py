@@ -170,6 +170,7 @@ class Model(_Section):
     domain_params: str
     cvr_loss_weight: float = 0.0  # direct CVR loss on clicked rows, beside the CTCVR one
     wide: bool = False  # MMN: add the domain-composed linear term over the feature ids
+    wide_fields: tuple[str, ...] = ()  # the feature fields the wide term covers; () = all
 
 
 @dataclass(frozen=True)
@@ -542,6 +543,11 @@ def _validate(cfg: PipelineConfig) -> None:
     names = [f.name for f in cfg.features]
     if len(set(names)) != len(names):
         raise ConfigError(f"feature names repeat: {names}")
+    unknown = [f for f in cfg.model.wide_fields if f not in names]
+    if len(set(cfg.model.wide_fields)) != len(cfg.model.wide_fields):
+        raise ConfigError(f"model.wide_fields repeat: {list(cfg.model.wide_fields)}")
+    if unknown:
+        raise ConfigError(f"model.wide_fields: {unknown} are not feature fields (features: {names})")
 
 
 # At the end: these modules import this module's names (ConfigError, the section constants).

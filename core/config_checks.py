@@ -220,7 +220,7 @@ RULES: dict[str, Rule] = {
     "model.kind": _model_kind, "model.embedding_dim": _at_least(1),
     "model.ctr_hidden": _each(_at_least(1)), "model.cvr_hidden": _each(_at_least(1)),
     "model.alpha": _at_least(0), "model.domain_params": _one_of("full", "common_only"),
-    "model.cvr_loss_weight": _at_least(0),
+    "model.cvr_loss_weight": _at_least(0), "model.wide_fields": _each(_non_empty),
     "zoo.mmoe_experts": _at_least(1), "zoo.ple_shared_experts": _at_least(1),
     "zoo.ple_specific_experts": _at_least(1), "zoo.dpg_rank": _at_least(1),
     "zoo.dpg_generator_hidden": _at_least(1), "zoo.mi_dpg_weight": _at_least(0),

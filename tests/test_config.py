@@ -102,6 +102,8 @@ def test_java_options_reach_the_driver_and_executors_of_every_spark_submit():
         ("training.epochs=2.5", "training.epochs: expected an integer, got 2.5"),
         ("training.epochs=true", "training.epochs: expected an integer, got True"),
         ("model.wide=1", "model.wide: expected true or false, got 1"),
+        ("model.wide_fields=[user_id, nope]", r"model.wide_fields: \['nope'\] are not feature fields"),
+        ("model.wide_fields=[device_os, device_os]", "model.wide_fields repeat"),
         ("model.cvr_hidden=[64, 0]", r"model.cvr_hidden: item 1 must be >= 1"),
         ("model.ctr_hidden=[64, x]", r"model.ctr_hidden\[1\]: expected an integer, got 'x'"),
         ("gate.floor=1.5", r"gate.floor: must lie in \[0, 1\]"),

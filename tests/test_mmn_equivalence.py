@@ -77,6 +77,24 @@ def test_fast_forward_matches_naive(cfg, domain_params, dense_max, monkeypatch):
         assert torch.count_nonzero(by_type[2]) == 0 and torch.count_nonzero(by_type[0]) > 0
 
 
+def test_wide_term_on_chosen_fields_adds_only_their_ids(cfg):
+    """``model.wide_fields``: the wide term covers the named fields' ids and no others."""
+    names = [f.name for f in cfg.features]
+    chosen = cfg.with_overrides({"model.wide": True, "model.wide_fields": names[-2:]})
+    model = MMN.from_config(chosen, N_TYPES, N_SCENARIOS)
+    assert model.wide.total == sum(f.cardinality for f in cfg.features[-2:])
+    feats, types, scenarios = _batch(cfg)
+    with torch.no_grad():
+        model.wide.shared.weight.normal_()
+        before = model(feats, types, scenarios)[1]
+        other = feats.clone()
+        other[:, 0] = (other[:, 0] + 1) % cfg.features[0].cardinality  # a field it doesn't cover
+        torch.testing.assert_close(model.wide(other, types, scenarios), model.wide(feats, types, scenarios))
+        other[:, -1] = (other[:, -1] + 1) % cfg.features[-1].cardinality  # one it covers
+        assert not torch.allclose(model.wide(other, types, scenarios), model.wide(feats, types, scenarios))
+    assert before.shape == (feats.shape[0],)
+
+
 def test_domains_get_different_towers(cfg):
     model = _model(cfg, "full").eval()
     feats, _, _ = _batch(cfg, n=8)

@@ -127,9 +127,17 @@ class ComposedWide(nn.Module):
     so training starts from the deep model alone.
     """
 
-    def __init__(self, cardinalities: Sequence[int], n_types: int, n_scenarios: int) -> None:
+    def __init__(self, cardinalities: Sequence[int], n_types: int, n_scenarios: int,
+                 fields: Sequence[int] | None = None) -> None:
         super().__init__()
-        cards = [int(c) for c in cardinalities]
+        # The feature columns it covers (default: all): ids of high-cardinality fields may be
+        # better left to the shared embeddings, which the CTR task trains on every impression.
+        columns = list(range(len(cardinalities))) if fields is None else [int(f) for f in fields]
+        if not columns or len(set(columns)) != len(columns):
+            raise ValueError(f"wide fields must be distinct feature columns, got {fields}")
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.all_columns = fields is None
+        cards = [int(cardinalities[c]) for c in columns]
         self.total = sum(cards)
         offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
@@ -150,7 +158,7 @@ class ComposedWide(nn.Module):
 
     def forward(self, features: torch.Tensor, type_id: torch.Tensor, scenario_id: torch.Tensor) -> torch.Tensor:
         """The wide logit [B] of each row in its own domain (ids checked by the embedding)."""
-        ids = features.long() + self.offsets
+        ids = (features if self.all_columns else features.index_select(1, self.columns)).long() + self.offsets
         return (self.shared(ids).sum(dim=(1, 2))
                 + self.by_type(type_id.long().unsqueeze(1) * self.total + ids).sum(dim=(1, 2))
                 + self.by_scenario(scenario_id.long().unsqueeze(1) * self.total + ids).sum(dim=(1, 2)))
@@ -173,6 +181,7 @@ class MMN(CVRModel):
         domain_params: str = "full",
         field_names: Sequence[str] | None = None,
         wide: bool = False,
+        wide_fields: Sequence[int] | None = None,
     ) -> None:
         super().__init__(n_types, n_scenarios)
         if domain_params not in DOMAIN_PARAMS:
@@ -183,7 +192,7 @@ class MMN(CVRModel):
         self.cvr_tower = ComposedTower(
             [d_in, *cvr_hidden, 1], n_types, n_scenarios, domain_specific=domain_params == "full"
         )
-        self.wide = ComposedWide(feature_cardinalities, n_types, n_scenarios) if wide else None
+        self.wide = ComposedWide(feature_cardinalities, n_types, n_scenarios, wide_fields) if wide else None
         self.predict_cache_size = self.n_types * self.n_scenarios
         self._predict_cache: OrderedDict[tuple[int, int], list[Layer]] = OrderedDict()
         self._cache_versions: tuple[int, ...] | None = None
@@ -192,9 +201,11 @@ class MMN(CVRModel):
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
                     domain_params: str | None = None, wide: bool | None = None) -> MMN:
+        names = [f.name for f in cfg.features]
+        wide_fields = [names.index(n) for n in cfg.model.wide_fields] or None
         return cls(**config_inputs(cfg), cvr_hidden=cfg.model.cvr_hidden, n_types=n_types, n_scenarios=n_scenarios,
                    domain_params=domain_params or cfg.model.domain_params,
-                   wide=cfg.model.wide if wide is None else wide)
+                   wide=cfg.model.wide if wide is None else wide, wide_fields=wide_fields)
 
     def domain_parameters(self) -> list[nn.Parameter]:
         tower = self.cvr_tower
