@@ -71,6 +71,12 @@ ABLATIONS.update({
     "wide_mid_card": {"model.wide_fields": ["advertiser_id", "ad_category", "device_os", "user_age",
                                             "bid_price"]},
     "wide_low_card": {"model.wide_fields": ["ad_category", "device_os", "user_age", "bid_price"]},
+    # Larger batches (round two's one gain), with the learning rate scaled or the wide term narrowed.
+    "batch_4096_lr_0.02": {"training.batch_size": 4096, "training.learning_rate": 0.02},
+    "batch_8192": {"training.batch_size": 8192},
+    "batch_4096_wide_mid_card": {"training.batch_size": 4096,
+                                 "model.wide_fields": ["advertiser_id", "ad_category", "device_os",
+                                                       "user_age", "bid_price"]},
 })
 # The default ablation: every axis the issue names that a single run can move.
 DEFAULT_ABLATION = ("baseline", "no_dynamic_weight", "domain_lr_1.0", "direct_cvr_loss_1.0",
