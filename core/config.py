@@ -297,6 +297,7 @@ class Serving(_Section):
     applied before the section existed, for bundles written without it."""
 
     max_request_records: int = 50_000  # records one request may hold; a larger one is refused
+    tower_cache_mb: int = 64  # MMN's cache of composed per-domain towers, bytes-bounded LRU
 
 
 @dataclass(frozen=True)

@@ -257,5 +257,5 @@ RULES: dict[str, Rule] = {
     "airflow.schedule": _daily_cron, "airflow.start_date": _iso_day, "airflow.retries": _at_least(0),
     "airflow.retry_delay_minutes": _at_least(0), "airflow.spark_timeout_minutes": _at_least(1),
     "airflow.train_timeout_minutes": _at_least(1), "airflow.parallelism": _at_least(1),
-    "serving.max_request_records": _at_least(1),
+    "serving.max_request_records": _at_least(1), "serving.tower_cache_mb": _at_least(0),
 }

@@ -74,14 +74,15 @@ def _warn_if_exposed(what: str, host: str) -> None:
 
 
 def _serve_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Environment of the model server: the store, and the request size limit of the
-    effective config (serving.max_request_records, read by serving.pyfunc at load)."""
-    from serving.pyfunc import MAX_RECORDS_ENV
+    """Environment of the model server: the store, and the serving settings of the effective
+    config (serving.max_request_records, serving.tower_cache_mb, read by serving.pyfunc at load)."""
+    from serving.pyfunc import MAX_RECORDS_ENV, TOWER_CACHE_ENV
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
-    limit = (cfg.raw.get("serving") or {}).get("max_request_records")
-    if limit is not None:
-        env[MAX_RECORDS_ENV] = str(limit)
+    serving = cfg.raw.get("serving") or {}
+    for key, name in (("max_request_records", MAX_RECORDS_ENV), ("tower_cache_mb", TOWER_CACHE_ENV)):
+        if serving.get(key) is not None:
+            env[name] = str(serving[key])
     return env
 
 

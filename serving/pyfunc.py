@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +44,10 @@ BUNDLE_FORMAT = 1
 # before the serving section existed).
 DEFAULT_MAX_REQUEST_RECORDS = 50_000
 MAX_RECORDS_ENV = "MMN__SERVING__MAX_REQUEST_RECORDS"
+# MMN's composed-tower cache budget when neither the environment nor the model's config
+# names one (core.config.Serving's default; docs/benchmarks.md measures the choice).
+DEFAULT_TOWER_CACHE_MB = 64
+TOWER_CACHE_ENV = "MMN__SERVING__TOWER_CACHE_MB"
 
 
 class RecordError(ValueError):
@@ -95,6 +99,22 @@ def max_request_records(config: Mapping[str, Any], environ: Mapping[str, str] | 
     return limit
 
 
+def tower_cache_bytes(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> int:
+    """MMN's composed-tower cache budget in bytes: $MMN__SERVING__TOWER_CACHE_MB (set by
+    `mmn serve` from the effective config), else the model's own config, else the default."""
+    env = os.environ if environ is None else environ
+    raw = env.get(TOWER_CACHE_ENV)
+    if raw is None:
+        raw = (config.get("serving") or {}).get("tower_cache_mb", DEFAULT_TOWER_CACHE_MB)
+    try:
+        megabytes = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"serving.tower_cache_mb must be an integer >= 0, got {raw!r}") from None
+    if megabytes < 0:
+        raise ValueError(f"serving.tower_cache_mb must be an integer >= 0, got {raw!r}")
+    return megabytes * 2**20
+
+
 @dataclass
 class ModelBundle:
     """Everything besides the weights that a model needs to score raw records."""
@@ -131,6 +151,8 @@ class ServingModel:
         required = self.cfg.logs["impressions"].required
         self.required_features = {f.name for f in self.cfg.features if f.name in required}
         self.max_request_records = max_request_records(bundle.config)
+        if hasattr(self.model, "set_predict_cache_budget"):  # MMN: its composed-tower cache
+            self.model.set_predict_cache_budget(tower_cache_bytes(bundle.config))
 
     @classmethod
     def load(cls, bundle_path: Path, weights_path: Path) -> ServingModel:
@@ -186,29 +208,48 @@ class ServingModel:
             return ids[value]
         return -1
 
-    @torch.no_grad()
-    def predict_records(self, records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-        """Score raw records; requests are grouped so each domain runs only its own tower."""
-        records = list(records)
-        p_ctr = np.full(len(records), np.nan)
-        p_cvr = np.full(len(records), np.nan)
-        errors: list[str | None] = [None] * len(records)
-        groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    def score(self, records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """(p_ctr, p_cvr, errors) of raw records; the rows of each domain run its tower only."""
+        n = len(records)
+        p_ctr = np.full(n, np.nan)
+        p_cvr = np.full(n, np.nan)
+        errors: list[str | None] = [None] * n
+        groups: dict[tuple[int, int], tuple[list[int], list[list[int]]]] = {}
         for row, record in enumerate(records):
             try:
                 ids, type_id, scenario_id = self.encode(record)
             except RecordError as exc:
                 errors[row] = str(exc)
                 continue
-            groups.setdefault((type_id, scenario_id), []).append((row, ids))
-        for (type_id, scenario_id), members in groups.items():
-            rows = [r for r, _ in members]
-            features = torch.tensor([ids for _, ids in members], dtype=torch.long)
+            group = groups.get((type_id, scenario_id))
+            if group is None:
+                groups[(type_id, scenario_id)] = ([row], [ids])
+            else:
+                group[0].append(row)
+                group[1].append(ids)
+        for (type_id, scenario_id), (rows, features) in groups.items():
+            # Lists, not a tensor: the models' predict path checks and offsets a small
+            # request's ids in Python (training.models.predict_path).
             ctr, cvr = self.model.predict_domain(features, type_id, scenario_id)
             p_ctr[rows] = ctr.numpy()
             p_cvr[rows] = cvr.numpy()
+        return p_ctr, p_cvr, errors
+
+    def predict_records(self, records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+        """Score raw records: p_ctr, p_cvr, p_ctcvr (NaN where a record can't be scored), error."""
+        p_ctr, p_cvr, errors = self.score(list(records))
         return pd.DataFrame({"p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctr * p_cvr,
                              "error": pd.Series(errors, dtype=object)})
+
+    def predict_json_records(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+        """``strict_json_frame(predict_records(records))``, built in one step: the pyfunc's
+        answer (object columns; None, never NaN, where a probability is undefined)."""
+        p_ctr, p_cvr, errors = self.score(records)
+        out = np.empty((len(errors), len(OUTPUT_COLUMNS)), dtype=object)
+        for column, values in enumerate((p_ctr, p_cvr, p_ctr * p_cvr)):
+            out[:, column] = [None if v != v else v for v in values.tolist()]
+        out[:, len(PROBABILITY_COLUMNS)] = errors
+        return pd.DataFrame(out, columns=OUTPUT_COLUMNS, dtype=object)  # no str inference
 
 
 def strict_json_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -224,11 +265,13 @@ def strict_json_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _records_from(model_input: Any) -> list[dict[str, Any]]:
     if isinstance(model_input, pd.DataFrame):
-        # to_dict gives native Python values; NaN stays NaN (encode treats it as missing),
-        # pandas' own missing markers become None. Cheaper than a frame-wide astype/where,
-        # which cost most of a one-record request.
-        return [{k: (None if v is pd.NA or v is pd.NaT else v) for k, v in row.items()}
-                for row in model_input.to_dict(orient="records")]
+        # One object array gives native Python values (to_numpy(object) converts numpy ints,
+        # floats and bools, as to_dict does, at a quarter of to_dict's cost on a one-record
+        # frame); NaN stays NaN (encode treats it as missing), pandas' own missing markers
+        # become None.
+        columns = [str(c) for c in model_input.columns]
+        return [{k: (None if v is pd.NA or v is pd.NaT else v) for k, v in zip(columns, row, strict=True)}
+                for row in model_input.to_numpy(dtype=object).tolist()]
     if isinstance(model_input, Mapping):
         return [dict(model_input)]
     return [dict(r) for r in model_input]
@@ -256,7 +299,7 @@ try:  # mlflow is a training-time dependency; keep this module importable withou
                     f"request holds {len(records)} records; the limit is {limit} "
                     "(serving.max_request_records): split it into smaller requests",
                     error_code=INVALID_PARAMETER_VALUE)
-            return strict_json_frame(self.serving.predict_records(records))
+            return self.serving.predict_json_records(records)
 
 except ImportError:  # pragma: no cover - serving without mlflow installed
     CVRPyfunc = None  # type: ignore[assignment,misc]

@@ -25,11 +25,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import PipelineConfig
 from training.models.base import CVRModel, config_inputs
 from training.models.grouped import GroupPlan
+from training.models.predict_path import check_domain, embed_domain, linears, probability
 from training.models.zoo import register_model
 
 DOMAIN_PARAMS = ("full", "common_only")
@@ -39,6 +41,10 @@ DOMAIN_PARAMS = ("full", "common_only")
 DENSE_MAX_ELEMS = 1024
 
 Layer = tuple[torch.Tensor, torch.Tensor]
+
+
+def _nbytes(layers: Sequence[Layer]) -> int:
+    return sum(w.nelement() * w.element_size() + b.nelement() * b.element_size() for w, b in layers)
 
 
 class ComposedTower(nn.Module):
@@ -193,10 +199,15 @@ class MMN(CVRModel):
             [d_in, *cvr_hidden, 1], n_types, n_scenarios, domain_specific=domain_params == "full"
         )
         self.wide = ComposedWide(feature_cardinalities, n_types, n_scenarios, wide_fields) if wide else None
-        self.predict_cache_size = self.n_types * self.n_scenarios
+        # The serving cache of composed towers: LRU, bounded by bytes (None: every domain fits).
+        self.predict_cache_bytes: int | None = None
         self._predict_cache: OrderedDict[tuple[int, int], list[Layer]] = OrderedDict()
+        self._cache_nbytes = 0
+        self.predict_cache_hits = self.predict_cache_misses = 0
         self._cache_versions: tuple[int, ...] | None = None
         self._cvr_params: list[nn.Parameter] | None = None
+        self._ctr_layers: list[nn.Linear] | None = None
+        self._wide_flat: tuple[torch.Tensor, list[tuple[int, int]], int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_types: int, n_scenarios: int,
@@ -252,47 +263,101 @@ class MMN(CVRModel):
                 p_cvr = p_cvr + torch.sigmoid(ComposedTower.run(x, tower) + wide) * mask
         return self.ctr_tower(x), p_cvr
 
-    @torch.no_grad()
-    def predict_domain(self, features: torch.Tensor, type_id: int,
+    @torch.inference_mode()
+    def predict_domain(self, features: torch.Tensor | list[list[int]], type_id: int,
                        scenario_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Serve one domain: only its tower runs, with composed weights cached."""
-        feats, t, s = self.domain_tensors(features, type_id, scenario_id)
-        x = self.embedding(feats, t, s)
-        layers = self._cached_tower(int(type_id), int(scenario_id))
+        """Serve one domain: only its tower runs, with composed weights cached (LRU, bounded by
+        ``predict_cache_bytes``). The values of ``forward``'s rows of that domain; the serving
+        fast path of ``predict_path`` (few tensor ops per request)."""
+        t, s = check_domain(self, type_id, scenario_id)
+        rows, feats, x = embed_domain(self, features, t, s)
         h = x
+        layers = self._cached_tower(t, s)
         for i, (weight_t, bias) in enumerate(layers):  # nn.Linear's layout and kernel, as DNN
-            h = torch.nn.functional.linear(h, weight_t, bias)
+            h = F.linear(h, weight_t, bias)
             if i < len(layers) - 1:
                 h = torch.relu(h)
-        return self.ctr_tower(x), torch.sigmoid(h.squeeze(-1) + self._wide_logit(feats, t, s))
+        logit = h.squeeze(-1)
+        if self.wide is not None:
+            logit = logit + (self._wide_rows(rows, t, s) if rows is not None else
+                             self.wide(feats, torch.full_like(feats[:, 0], t), torch.full_like(feats[:, 0], s)))
+        if self._ctr_layers is None:
+            self._ctr_layers = linears(self.ctr_tower)
+        return probability(x, self.ctr_tower, self._ctr_layers), torch.sigmoid(logit)
+
+    def _wide_rows(self, rows: list[list[int]], t: int, s: int) -> torch.Tensor:
+        """``self.wide``'s logit of a small request (ids already range-checked) as one gather
+        from a flat serving copy of its three tables and one sum (its forward: three gathers,
+        three sums; equal to float rounding)."""
+        if self._wide_flat is None:
+            wide = self.wide
+            self._wide_flat = (
+                torch.cat([wide.shared.weight.detach().reshape(-1), wide.by_type.weight.detach().reshape(-1),
+                           wide.by_scenario.weight.detach().reshape(-1)]),
+                [(int(c), int(o)) for c, o in zip(wide.columns, wide.offsets, strict=True)],
+                wide.total, (1 + self.n_types) * wide.total)
+        flat, columns, total, scenario_base = self._wide_flat
+        ids = [row[c] + o for row in rows for c, o in columns]
+        by_type, by_scenario = (1 + t) * total, scenario_base + s * total
+        index = torch.tensor([*ids, *[i + by_type for i in ids], *[i + by_scenario for i in ids]],
+                             dtype=torch.long, device=flat.device)
+        return flat.index_select(0, index).view(3, len(rows), -1).sum(dim=(0, 2))
+
+    def set_predict_cache_budget(self, max_bytes: int | None) -> None:
+        """Bound the composed-tower cache to ``max_bytes`` (None: no bound; 0: nothing cached,
+        every request composes its tower); evicts least-recently-used towers to fit."""
+        self.predict_cache_bytes = None if max_bytes is None else max(0, int(max_bytes))
+        self._evict_to_budget()
+
+    @property
+    def predict_cache_nbytes(self) -> int:
+        """Bytes the cached composed towers hold now."""
+        return self._cache_nbytes
+
+    def _evict_to_budget(self) -> None:
+        budget = self.predict_cache_bytes
+        while budget is not None and self._cache_nbytes > budget and self._predict_cache:
+            _, layers = self._predict_cache.popitem(last=False)
+            self._cache_nbytes -= _nbytes(layers)
 
     def _cached_tower(self, type_id: int, scenario_id: int) -> list[Layer]:
-        """Composed (weight [out, in], bias) per layer of one domain, cached per domain."""
+        """Composed (weight [out, in], bias) per layer of one domain, cached per domain (LRU
+        within ``predict_cache_bytes``; a tower larger than the budget is composed, not kept)."""
         # Parameter version counters catch in-place updates (optimizer steps) that happen
         # without a train()/load_state_dict() call in between. The parameter list is kept
         # flat: walking Module.parameters() per request costs more than the tower itself.
         if self._cvr_params is None:
-            self._cvr_params = list(self.cvr_tower.parameters())
+            wide = list(self.wide.parameters()) if self.wide is not None else []
+            self._cvr_params = [*self.cvr_tower.parameters(), *wide]
         versions = tuple(p._version for p in self._cvr_params)
         if versions != self._cache_versions:
             self._predict_cache.clear()
+            self._cache_nbytes = 0
+            self._wide_flat = None
             self._cache_versions = versions
         key = (type_id, scenario_id)
         layers = self._predict_cache.get(key)
-        if layers is None:
-            layers = [(w.detach().t().contiguous(), b.detach().clone())
-                      for w, b in self.cvr_tower.composed(type_id, scenario_id)]
-            self._predict_cache[key] = layers
-            while len(self._predict_cache) > max(1, self.predict_cache_size):
-                self._predict_cache.popitem(last=False)
-        else:
+        if layers is not None:
+            self.predict_cache_hits += 1
             self._predict_cache.move_to_end(key)
+            return layers
+        self.predict_cache_misses += 1
+        layers = [(w.detach().t().contiguous(), b.detach().clone())
+                  for w, b in self.cvr_tower.composed(type_id, scenario_id)]
+        size = _nbytes(layers)
+        if self.predict_cache_bytes is None or size <= self.predict_cache_bytes:
+            self._predict_cache[key] = layers
+            self._cache_nbytes += size
+            self._evict_to_budget()
         return layers
 
     def clear_predict_cache(self) -> None:
         self._predict_cache.clear()
+        self._cache_nbytes = 0
         self._cache_versions = None
         self._cvr_params = None
+        self._ctr_layers = None
+        self._wide_flat = None
 
     def train(self, mode: bool = True) -> MMN:
         self.clear_predict_cache()
