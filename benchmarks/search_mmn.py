@@ -74,6 +74,8 @@ ABLATIONS.update({
     # Larger batches (round two's one gain), with the learning rate scaled or the wide term narrowed.
     "batch_4096_lr_0.02": {"training.batch_size": 4096, "training.learning_rate": 0.02},
     "batch_8192": {"training.batch_size": 8192},
+    "batch_4096_lr_0.03": {"training.batch_size": 4096, "training.learning_rate": 0.03},
+    "batch_8192_lr_0.03": {"training.batch_size": 8192, "training.learning_rate": 0.03},
     "batch_4096_wide_mid_card": {"training.batch_size": 4096,
                                  "model.wide_fields": ["advertiser_id", "ad_category", "device_os",
                                                        "user_age", "bid_price"]},
