@@ -5,12 +5,19 @@ pipeline logs it (pyfunc with the hashing config and vocabularies inside) into a
 MLflow store, then scored on raw impression records from the generator:
 
 - in-process: ``mlflow.pyfunc.load_model(uri).predict`` on one-record DataFrames (p50/p99)
-  and on a large batch (rows/s);
-- HTTP: ``mlflow models serve -m <uri> --env-manager local`` on 127.0.0.1, one-record
-  ``/invocations`` requests over a kept-alive connection (p50/p99), and batches of
-  ``--http-batch`` records (rows/s).
+  and on a large batch (rows/s); with the one-record path taken apart: the python model's
+  own ``predict`` (what MLflow's wrapper adds is the difference), ``ServingModel.
+  predict_json_records([record])`` (our hashing, the model, the answer frame; the difference
+  to the python model is reading the request frame) and the model's ``predict_domain`` on the
+  hashed ids;
+- HTTP: ``mlflow models serve -m <uri> --env-manager local`` on 127.0.0.1 (one uvicorn
+  worker), one-record ``/invocations`` requests over a kept-alive connection (p50/p99), and
+  batches of ``--http-batch`` records (rows/s). The kinds' servers run side by side.
 
-The weights are untrained: latency doesn't depend on them.
+Every one-record measurement is interleaved: blocks of ``--block`` requests rotate over the
+kinds and paths within each of ``--rounds`` rounds, so that each sees the same machine load,
+and the ratio of the first kind to the last is given per round. The weights are untrained
+(latency doesn't depend on them); requests carry the generator's own domain mix.
 
     PYTHONPATH=. python benchmarks/bench_serving.py [--kinds mmn,dnn] [--json out.json]
 """
@@ -22,11 +29,13 @@ import gzip
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,23 +72,64 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(samples_ms, 50)), "p99_ms": float(np.percentile(samples_ms, 99))}
 
 
-def in_process(uri: str, records: list[dict], requests: int, batch: int) -> dict[str, float]:
+def interleaved(paths: dict[tuple[str, str], Callable[[int], object]], n: int, block: int,
+                rounds: int) -> dict[tuple[str, str], list[list[float]]]:
+    """Latencies (ms) per path and round: request i of every path, blocks rotated per round."""
+    keys = list(paths)
+    lat = {k: [[] for _ in range(rounds)] for k in keys}
+    for rnd in range(rounds):
+        for b, start in enumerate(range(0, n, block)):
+            shift = (b + rnd) % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                fn, sink = paths[key], lat[key][rnd]
+                for i in range(start, min(n, start + block)):
+                    t0 = time.perf_counter()
+                    fn(i)
+                    sink.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
+def summarize(lat: dict[tuple[str, str], list[list[float]]], kinds: list[str], label: str) -> dict[str, dict]:
+    out = {}
+    for (kind, path), per_round in lat.items():
+        ref = lat[(kinds[-1], path)]
+        ratios = [float(np.percentile(a, 50) / np.percentile(b, 50)) for a, b in zip(per_round, ref, strict=True)]
+        every = np.concatenate(per_round)
+        r = out[f"{kind}/{label}/{path}"] = {**percentiles(list(every)), "ratio_p50_per_round": ratios,
+                                             "p50_per_round_ms": [float(np.percentile(x, 50)) for x in per_round]}
+        print(f"{kind:<4} {label:<10} {path:<22} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+              f"rounds {', '.join(f'{x:.3f}' for x in r['p50_per_round_ms'])}  "
+              f"{kinds[0]}/{kinds[-1]} {', '.join(f'{x:.2f}' for x in ratios)}", flush=True)
+    return out
+
+
+def in_process(uris: dict[str, str], records: list[dict], requests: int, batch: int, block: int,
+               rounds: int) -> dict[str, dict]:
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(uri)
+    kinds = list(uris)
+    models = {k: mlflow.pyfunc.load_model(u) for k, u in uris.items()}
     singles = [pd.DataFrame([r]) for r in records[:requests]]
-    for frame in singles[:50]:  # warm-up: composed-weight cache, allocator
-        model.predict(frame)
-    lat = []
-    for frame in singles:
-        start = time.perf_counter()
-        model.predict(frame)
-        lat.append((time.perf_counter() - start) * 1e3)
+    paths: dict[tuple[str, str], Callable[[int], object]] = {}
+    for kind, model in models.items():
+        python_model = model.unwrap_python_model()
+        serving = python_model.serving
+        ids = [serving.encode(r) for r in records[:requests]]
+        paths[(kind, "pyfunc.predict")] = lambda i, m=model: m.predict(singles[i])
+        paths[(kind, "python_model.predict")] = lambda i, m=python_model: m.predict(None, singles[i])
+        paths[(kind, "predict_json_records")] = lambda i, s=serving: s.predict_json_records([records[i]])
+        paths[(kind, "predict_domain")] = (lambda i, s=serving, ids=ids:
+                                           s.model.predict_domain([ids[i][0]], ids[i][1], ids[i][2]))
+    interleaved(paths, requests, block, 1)  # warm-up: every request once (composed-tower cache)
+    results = summarize(interleaved(paths, requests, block, rounds), kinds, "in-process")
     big = pd.DataFrame(records[:batch])
-    start = time.perf_counter()
-    model.predict(big)
-    rows_per_s = len(big) / (time.perf_counter() - start)
-    return {**percentiles(lat), "batch_rows": len(big), "batch_rows_per_s": rows_per_s}
+    for kind, model in models.items():
+        start = time.perf_counter()
+        model.predict(big)
+        rate = len(big) / (time.perf_counter() - start)
+        results[f"{kind}/in-process/batch"] = {"batch_rows": len(big), "batch_rows_per_s": rate}
+        print(f"{kind:<4} in-process batch of {len(big)}: {rate:,.0f} rows/s", flush=True)
+    return results
 
 
 def _free_port() -> int:
@@ -88,28 +138,55 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def over_http(uri: str, records: list[dict], requests: int, batch: int, env: dict[str, str]) -> dict[str, float]:
+def start_server(uri: str, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="mlflow-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("GET", "/ping")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"model server did not come up; its log: {log.name}")
-            time.sleep(1)
+    return server, port, log.name
 
-        def post(body: bytes) -> None:
+
+def wait_ready(server: subprocess.Popen, port: int, log: str) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/ping")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"model server did not come up; its log: {log}")
+        time.sleep(1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the server's whole process group (mlflow models serve runs uvicorn as a child)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def over_http(uris: dict[str, str], records: list[dict], requests: int, batch: int, block: int, rounds: int,
+              env: dict[str, str]) -> dict[str, dict]:
+    kinds = list(uris)
+    servers = {k: start_server(u, env) for k, u in uris.items()}
+    try:
+        conns = {}
+        for kind, (server, port, log) in servers.items():
+            wait_ready(server, port, log)
+            conns[kind] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        def post(conn: http.client.HTTPConnection, body: bytes) -> None:
             conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
             payload = response.read()
@@ -117,23 +194,21 @@ def over_http(uri: str, records: list[dict], requests: int, batch: int, env: dic
                 raise RuntimeError(f"HTTP {response.status}: {payload[:300]!r}")
 
         bodies = [json.dumps({"dataframe_records": [r]}).encode() for r in records[:requests]]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for body in bodies[:50]:
-            post(body)
-        lat = []
-        for body in bodies:
-            start = time.perf_counter()
-            post(body)
-            lat.append((time.perf_counter() - start) * 1e3)
+        paths = {(k, "/invocations"): (lambda i, c=c: post(c, bodies[i])) for k, c in conns.items()}
+        interleaved(paths, requests, block, 1)  # warm-up: every request once
+        results = summarize(interleaved(paths, requests, block, rounds), kinds, "HTTP")
         batches = [records[i:i + batch] for i in range(0, min(len(records), 20 * batch), batch)]
-        start = time.perf_counter()
-        for chunk in batches:
-            post(json.dumps({"dataframe_records": chunk}).encode())
-        rows_per_s = sum(map(len, batches)) / (time.perf_counter() - start)
-        return {**percentiles(lat), "batch_rows": batch, "batch_rows_per_s": rows_per_s}
+        for kind, conn in conns.items():
+            start = time.perf_counter()
+            for chunk in batches:
+                post(conn, json.dumps({"dataframe_records": chunk}).encode())
+            rate = sum(map(len, batches)) / (time.perf_counter() - start)
+            results[f"{kind}/HTTP/batch"] = {"batch_rows": batch, "batch_rows_per_s": rate}
+            print(f"{kind:<4} HTTP batches of {batch}: {rate:,.0f} rows/s", flush=True)
+        return results
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server, _, _ in servers.values():
+            stop(server)
 
 
 def main() -> None:
@@ -144,6 +219,9 @@ def main() -> None:
     parser.add_argument("--http-batch", type=int, default=1000, help="records per HTTP batch request")
     parser.add_argument("--impressions", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in-process")
+    parser.add_argument("--block", type=int, default=50, help="requests per interleaved block")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,16 +248,13 @@ def main() -> None:
         setup_mlflow(cfg, "bench-serving")
         print(f"{len(records)} records, {len(types)} types x {len(scenarios)} scenarios, "
               f"cvr_hidden={list(cfg.model.cvr_hidden)}, threads={args.threads}, "
-              f"load_avg={os.getloadavg()[0]:.2f}", flush=True)
-        results = {}
-        for kind in args.kinds.split(","):
-            uri = log_model(cfg, kind, types, scenarios, pd.DataFrame(records[:5]))
-            results[f"{kind}/in_process"] = r = in_process(uri, records, args.requests, args.batch)
-            print(f"{kind:<4} in-process  1 record  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms   "
-                  f"batch of {r['batch_rows']}: {r['batch_rows_per_s']:,.0f} rows/s", flush=True)
-            results[f"{kind}/http"] = r = over_http(uri, records, args.requests, args.http_batch, env)
-            print(f"{kind:<4} HTTP        1 record  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms   "
-                  f"batches of {r['batch_rows']}: {r['batch_rows_per_s']:,.0f} rows/s", flush=True)
+              f"load average {os.getloadavg()}", flush=True)
+        uris = {kind: log_model(cfg, kind, types, scenarios, pd.DataFrame(records[:5]))
+                for kind in args.kinds.split(",")}
+        results = in_process(uris, records, args.requests, args.batch, args.block, args.rounds)
+        if not args.no_http:
+            results.update(over_http(uris, records, args.requests, args.http_batch, args.block, args.rounds, env))
+        print(f"load average at the end {os.getloadavg()}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

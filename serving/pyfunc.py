@@ -265,13 +265,21 @@ def strict_json_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _records_from(model_input: Any) -> list[dict[str, Any]]:
     if isinstance(model_input, pd.DataFrame):
-        # One object array gives native Python values (to_numpy(object) converts numpy ints,
-        # floats and bools, as to_dict does, at a quarter of to_dict's cost on a one-record
-        # frame); NaN stays NaN (encode treats it as missing), pandas' own missing markers
-        # become None.
+        # Each column's array .tolist() gives native Python values (ints, floats, bools, str,
+        # Timestamps), as to_dict does, at a fifth of to_dict's cost on a one-record frame
+        # (a frame-wide to_numpy(object) is half as fast again: pandas' str columns are one
+        # block each); NaN stays NaN (encode treats it as missing), pandas' own missing
+        # markers become None.
         columns = [str(c) for c in model_input.columns]
+        column_array = getattr(model_input, "_get_column_array", None)
+        if not columns:
+            rows: Iterable[Sequence[Any]] = [() for _ in range(len(model_input))]
+        elif column_array is None:  # a pandas without it
+            rows = model_input.to_numpy(dtype=object).tolist()
+        else:
+            rows = zip(*(column_array(i).tolist() for i in range(len(columns))), strict=True)
         return [{k: (None if v is pd.NA or v is pd.NaT else v) for k, v in zip(columns, row, strict=True)}
-                for row in model_input.to_numpy(dtype=object).tolist()]
+                for row in rows]
     if isinstance(model_input, Mapping):
         return [dict(model_input)]
     return [dict(r) for r in model_input]
@@ -288,7 +296,9 @@ try:  # mlflow is a training-time dependency; keep this module importable withou
                 Path(context.artifacts["bundle"]), Path(context.artifacts["weights"])
             )
 
-        def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+        # model_input carries no type hint: MLflow would otherwise wrap predict in its type-hint
+        # validation and warn that ``Any`` is not a list type (its own advice: remove the hint).
+        def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 

@@ -183,3 +183,18 @@ def test_tower_cache_mb_is_a_checked_serving_key(cfg):
         load_config(environ={}, overrides=["serving.tower_cache_mb=-1"])
     with pytest.raises(ConfigError, match="serving.tower_cache_mb: expected an integer"):
         load_config(environ={}, overrides=["serving.tower_cache_mb=big"])
+
+
+def test_request_frames_read_as_to_dict_reads_them():
+    import numpy as np
+
+    from serving.pyfunc import _records_from
+
+    frame = pd.DataFrame({"a": ["x", None], "b": [1, 2], "c": [1.5, np.nan], "e": [True, False],
+                          "d": pd.array([1, None], dtype="Int64"), "f": pd.to_datetime(["2026-01-01", None])})
+    got = _records_from(frame)
+    want = [{k: (None if v is pd.NA or v is pd.NaT else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
+    assert [{k: type(v) for k, v in r.items()} for r in got] == [{k: type(v) for k, v in r.items()} for r in want]
+    assert str(got) == str(want)
+    assert _records_from(pd.DataFrame(index=range(3))) == [{}, {}, {}]  # N rows in, N records out
