@@ -76,6 +76,10 @@ ABLATIONS.update({
     "batch_8192": {"training.batch_size": 8192},
     "batch_4096_lr_0.03": {"training.batch_size": 4096, "training.learning_rate": 0.03},
     "batch_8192_lr_0.03": {"training.batch_size": 8192, "training.learning_rate": 0.03},
+    # The candidate default: validation every 50 steps keeps the cadence in samples of 200
+    # steps at batch 1024 (early stopping and the best-state pick see the same granularity).
+    "batch_4096_lr_0.02_eval_50": {"training.batch_size": 4096, "training.learning_rate": 0.02,
+                                   "training.eval_every_steps": 50},
     "batch_4096_wide_mid_card": {"training.batch_size": 4096,
                                  "model.wide_fields": ["advertiser_id", "ad_category", "device_os",
                                                        "user_age", "bid_price"]},
