@@ -38,7 +38,7 @@ def _compose_command() -> list[str]:
 
 
 SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "AIRFLOW_ADMIN_PASSWORD",
-           "MLFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")
+           "MLFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "MLFLOW_SECRET_KEY")
 TEST_SECRETS = {name: f"test-{name.lower()}-{uuid.uuid4().hex[:8]}" for name in SECRETS}
 
 
