@@ -27,7 +27,11 @@ def setup_mlflow(cfg: PipelineConfig, experiment: str | None = None) -> str:
         # Under `mlflow run`, the project's run already fixes the experiment.
         return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
     found = mlflow.get_experiment_by_name(name)
-    if found is None:
+    if found is None and cfg.mlflow.tracking_uri.startswith(("http://", "https://")):
+        # A tracking server picks the location (its artifact proxy, mlflow-artifacts:/), which
+        # every worker reaches over HTTP; a local artifact_root would exist on this host only.
+        exp_id = mlflow.create_experiment(name)
+    elif found is None:
         cfg.mlflow.artifact_root.mkdir(parents=True, exist_ok=True)
         exp_id = mlflow.create_experiment(name, artifact_location=(cfg.mlflow.artifact_root / name).as_uri())
     else:

@@ -204,7 +204,11 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
         client.create_registered_model(
             name, description="MMN CVR model for every conversion type x display scenario."
         )
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+    # A logged model (MLflow 3: models:/<model_id>) is registered with its id: a tracking
+    # server refuses that source without it (INVALID_PARAMETER_VALUE); a local store took both.
+    ident = model_uri[len("models:/"):].strip("/") if model_uri.startswith("models:/") else ""
+    model_id = ident if ident and "/" not in ident and "@" not in ident else None
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags), model_id=model_id)
     return str(version.version)
 
 
