@@ -6,7 +6,9 @@ MLflow store, then scored on raw impression records from the generator:
 
 - in-process: ``mlflow.pyfunc.load_model(uri).predict`` on one-record DataFrames (p50/p99)
   and on a large batch (rows/s); with the one-record path taken apart: the python model's
-  own ``predict`` (what MLflow's wrapper adds is the difference), ``ServingModel.
+  own ``predict`` (what MLflow's wrapper adds is the difference), MLflow's scoring function
+  ``scoring_server.invocations`` on the JSON body without the server (JSON to DataFrame,
+  predict, DataFrame to JSON: what HTTP adds beyond it is uvicorn and the network), ``ServingModel.
   predict_json_records([record])`` (our hashing, the model, the answer frame; the difference
   to the python model is reading the request frame) and the model's ``predict_domain`` on the
   hashed ids;
@@ -109,12 +111,19 @@ def in_process(uris: dict[str, str], records: list[dict], requests: int, batch: 
 
     kinds = list(uris)
     models = {k: mlflow.pyfunc.load_model(u) for k, u in uris.items()}
+    from mlflow.pyfunc import scoring_server
+
     singles = [pd.DataFrame([r]) for r in records[:requests]]
+    bodies = [json.dumps({"dataframe_records": [r]}) for r in records[:requests]]
     paths: dict[tuple[str, str], Callable[[int], object]] = {}
     for kind, model in models.items():
         python_model = model.unwrap_python_model()
         serving = python_model.serving
         ids = [serving.encode(r) for r in records[:requests]]
+        # MLflow's scoring function as the HTTP server calls it, without the server: JSON body
+        # to DataFrame, pyfunc.predict, DataFrame to JSON text.
+        paths[(kind, "scoring.invocations")] = (lambda i, m=model: scoring_server.invocations(
+            bodies[i], "application/json", m, None))
         paths[(kind, "pyfunc.predict")] = lambda i, m=model: m.predict(singles[i])
         paths[(kind, "python_model.predict")] = lambda i, m=python_model: m.predict(None, singles[i])
         paths[(kind, "predict_json_records")] = lambda i, s=serving: s.predict_json_records([records[i]])
@@ -198,7 +207,9 @@ def over_http(uris: dict[str, str], records: list[dict], requests: int, batch: i
         interleaved(paths, requests, block, 1)  # warm-up: every request once
         results = summarize(interleaved(paths, requests, block, rounds), kinds, "HTTP")
         batches = [records[i:i + batch] for i in range(0, min(len(records), 20 * batch), batch)]
-        for kind, conn in conns.items():
+        for kind, (_, port, _) in servers.items():
+            # a fresh connection: uvicorn closes one idle for 5 s (while the other kind ran)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             start = time.perf_counter()
             for chunk in batches:
                 post(conn, json.dumps({"dataframe_records": chunk}).encode())

@@ -18,6 +18,7 @@ round, over ``--rounds`` rounds; every configuration replays the same request se
 the same warm-up, and the MMN / DNN ratio is also given per round.
 
     PYTHONPATH=. python benchmarks/bench_serving_mix.py [--budgets 0,16,64,all] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_serving_mix.py --set model.wide=false  # MMN's towers alone
 """
 
 from __future__ import annotations
@@ -84,6 +85,60 @@ def serving_model(cfg, kind: str, types: list[str], scenarios: list[str], budget
     return serving
 
 
+def tower_paths(model, domains: list[tuple[int, int]], rounds: int, block: int) -> dict[str, list[float]]:
+    """p50 µs per round of MMN's CVR tower alone on one embedded row, three ways: the cached
+    composed tower (the served path), composing the tower for each request without keeping
+    it, and no composition (the three parameter sets' matmuls, h @ W_shared + h @ W_type[t] +
+    h @ W_scenario[s] per layer: no copy at all, three times the weight reads)."""
+    import torch.nn.functional as F
+
+    tower = model.cvr_tower
+    x = torch.randn(1, tower.dims[0])
+
+    def cached(t: int, s: int) -> torch.Tensor:
+        h = x
+        layers = model._cached_tower(t, s)
+        for i, (w, b) in enumerate(layers):
+            h = F.linear(h, w, b)
+            h = torch.relu(h) if i < len(layers) - 1 else h
+        return h
+
+    def composed(t: int, s: int) -> torch.Tensor:
+        h = x
+        for i, (w, b) in enumerate(tower.composed(t, s)):
+            h = torch.addmm(b, h, w)
+            h = torch.relu(h) if i < tower.n_layers - 1 else h
+        return h
+
+    def direct(t: int, s: int) -> torch.Tensor:
+        h = x
+        for i in range(tower.n_layers):
+            h = (torch.addmm(tower.bias_shared[i], h, tower.weight_shared[i])
+                 + torch.addmm(tower.bias_type[i][t], h, tower.weight_type[i][t])
+                 + torch.addmm(tower.bias_scenario[i][s], h, tower.weight_scenario[i][s]))
+            h = torch.relu(h) if i < tower.n_layers - 1 else h
+        return h
+
+    paths = {"cached composed": cached, "composed per request": composed, "three sets, no composition": direct}
+    out: dict[str, list[float]] = {k: [] for k in paths}
+    with torch.inference_mode():
+        for t, s in domains:
+            cached(t, s)  # warm, as the served path is
+        for rnd in range(rounds):
+            lat: dict[str, list[float]] = {k: [] for k in paths}
+            for b, start in enumerate(range(0, len(domains), block)):
+                names = list(paths)
+                names = names[(b + rnd) % 3:] + names[:(b + rnd) % 3]
+                for name in names:
+                    for t, s in domains[start:start + block]:
+                        t0 = time.perf_counter()
+                        paths[name](t, s)
+                        lat[name].append(time.perf_counter() - t0)
+            for name in paths:
+                out[name].append(float(np.percentile(lat[name], 50) * 1e6))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="0,16,64,all", help="MMN tower cache budgets, MB (all = no bound)")
@@ -95,6 +150,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--impressions", type=int, default=30000)
     parser.add_argument("--kinds", default="mmn,dnn", help="the first is compared with the last")
+    parser.add_argument("--no-tower-paths", action="store_true", help="skip timing the tower alone three ways")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, e.g. model.wide=false (MMN without its wide term)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -102,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-mix-") as tmp:
         env = {**os.environ, "MMN__PATHS__RAW_ROOT": str(Path(tmp) / "raw"),
                "MMN__PATHS__TRUTH_ROOT": str(Path(tmp) / "truth")}
-        cfg = load_config(environ=env)
+        cfg = load_config(environ=env, overrides=args.set)
         from simulation.generate_logs import generate
 
         day = cfg.airflow.start_date
@@ -177,6 +235,17 @@ def main() -> None:
             hit = "" if row["hit_rate"] is None else f"hits {row['hit_rate']:.1%}, cache {cached:.1f} MB"
             print(f"  {name:<18} {' | '.join(text)}  {hit}", flush=True)
             results[f"{mix}/{name}"] = row
+        if not args.no_tower_paths:
+            mmn = models[configs[0]].model
+            domains = [(e[1], e[2]) for e in encoded[configs[0]]]
+            budget = mmn.predict_cache_bytes
+            mmn.set_predict_cache_budget(None)  # every domain's tower cached: the best case
+            timed_paths = tower_paths(mmn, domains, args.rounds, args.block)
+            mmn.set_predict_cache_budget(budget)
+            for name, p50s in timed_paths.items():
+                print(f"  CVR tower alone, {name:<28} p50 per round {', '.join(f'{x:.1f}' for x in p50s)} µs",
+                      flush=True)
+                results[f"{mix}/tower/{name}"] = {"p50_us_per_round": p50s}
     print(f"load average at the end {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
