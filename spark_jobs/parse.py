@@ -49,7 +49,9 @@ def trailing_garbage(value: Column) -> Column:
     the one object came before the sentinel."""
     text = F.rtrim(F.translate(value, "\t\r\n", "   "))
     ends_in_brace = F.substring(text, -1, 1) == "}"
-    in_doubt = text.rlike(r"\}\s*[{}]")
+    # The pattern needs a "}" before the last character: a byte search rules most lines out
+    # before the regex scans them (a flat record's only "}" is its last character).
+    in_doubt = (F.instr(text, "}") < F.length(text)) & text.rlike(r"\}\s*[{}]")
     wrapped = F.from_json(F.concat(F.lit("["), text, F.lit(f',"{END_SENTINEL}"]')), T.ArrayType(T.VariantType()))
     sentinel_ok = (F.size(wrapped) == 2) & (F.element_at(wrapped, 2).cast("string") == END_SENTINEL)
     return ~ends_in_brace | (in_doubt & ~F.coalesce(sentinel_ok, F.lit(False)))
