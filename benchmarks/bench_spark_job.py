@@ -11,7 +11,9 @@ that step's alone (sum of the RSS of the process tree, sampled every 0.1 s):
    quarantine accounting and uses DuckDB's ``hash()`` (not xxhash64), so it is a lower
    bound for the same work, not a replacement.
 
-Usage: ``python benchmarks/bench_spark_job.py --impressions 1000000 [--master local[2]]``
+Usage: ``python benchmarks/bench_spark_job.py --impressions 1000000 [--master local[2]]``; on a
+shared machine generate once and measure interleaved rounds as ratios:
+``--workdir /tmp/b --reuse --rounds 3 [--format parquet] [--baseline-root /tmp/old-checkout] [--profile]``.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def _json_columns(cfg: PipelineConfig, log: str) -> str:
     return "{" + ", ".join(f"'{k}': '{v}'" for k, v in cols.items()) + "}"
 
 
-def _files(cfg: PipelineConfig, log: str, days: Sequence[str]) -> list[str]:
-    return [str(p) for d in days for p in sorted(cfg.paths.raw_dir(log, d).glob("*.jsonl*"))]
+def _files(cfg: PipelineConfig, log: str, days: Sequence[str], pattern: str = "*.jsonl*") -> list[str]:
+    return [str(p) for d in days for p in sorted(cfg.paths.raw_dir(log, d).glob(pattern))]
 
 
 def duckdb_sql(cfg: PipelineConfig, day: str, out: Path) -> str:
@@ -116,6 +118,9 @@ def duckdb_sql(cfg: PipelineConfig, day: str, out: Path) -> str:
     imp_id, click_id, conv_id = (cfg.logs[log].id_field for log in ("impressions", "clicks", "conversions"))
 
     def source(log: str, days: Sequence[str]) -> str:
+        parquet = _files(cfg, log, days, "*.parquet")
+        if parquet:  # Parquet raw logs (generator --format parquet): typed columns, nothing to parse
+            return "read_parquet([" + ", ".join(f"'{f}'" for f in parquet) + "], union_by_name=true)"
         files = ", ".join(f"'{f}'" for f in _files(cfg, log, days))
         return (f"read_json([{files}], format='newline_delimited', columns={_json_columns(cfg, log)}, "
                 "ignore_errors=true)")
@@ -190,12 +195,122 @@ def _threads(master: str) -> int:
     return int(found.group(1))
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def stage_profile(event_dir: Path, top: int = 12) -> dict[str, object]:
+    """Where a run's time went, from Spark's event log (the newest in ``event_dir``): the
+    tasks' executor run and CPU seconds in all, and per stage (wall seconds too) the costliest."""
+    logs = sorted(event_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return {}
+    # Spark 4 writes a folder per application (rolling event files) unless told otherwise.
+    files = sorted(logs[-1].glob("events_*")) if logs[-1].is_dir() else [logs[-1]]
+    stages: dict[int, dict[str, object]] = {}
+    for path in files:
+        for line in path.open():
+            if '"SparkListenerStageCompleted"' not in line and '"SparkListenerTaskEnd"' not in line:
+                continue
+            event = json.loads(line)
+            if event["Event"] == "SparkListenerTaskEnd":
+                metrics = event.get("Task Metrics") or {}
+                entry = stages.setdefault(event["Stage ID"], {"run_s": 0.0, "cpu_s": 0.0, "tasks": 0})
+                entry["run_s"] += metrics.get("Executor Run Time", 0) / 1000
+                entry["cpu_s"] += metrics.get("Executor CPU Time", 0) / 1e9
+                entry["tasks"] += 1
+            else:
+                info = event["Stage Info"]
+                entry = stages.setdefault(info["Stage ID"], {"run_s": 0.0, "cpu_s": 0.0, "tasks": 0})
+                entry["name"] = info["Stage Name"].replace(f"{REPO_ROOT}/", "")
+                entry["wall_s"] = (info.get("Completion Time", 0) - info.get("Submission Time", 0)) / 1000
+    rows = [{"stage": sid, **{k: round(v, 1) if isinstance(v, float) else v for k, v in e.items()}}
+            for sid, e in stages.items()]
+    return {"stages": len(rows), "run_s": round(sum(float(r["run_s"]) for r in rows), 1),
+            "cpu_s": round(sum(float(r["cpu_s"]) for r in rows), 1),
+            "top": sorted(rows, key=lambda r: -float(r["run_s"]))[:top]}
+
+
+def parse_breakdown(cfg: PipelineConfig, lines: int, master: str, driver_memory: str) -> dict[str, float]:
+    """Seconds of the impression parse stage's steps, each a full pass (a ``noop`` write) over
+    the first ``lines`` lines of day DAY's impressions in one local session, each step adding
+    to the one before: read the text; the typed ``from_json`` alone; every check (the job's
+    ``parse_records``); hashing and the dropped raw columns (``hashed_impressions``); the
+    cache the job builds of it. The differences say where the stage's time goes."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from spark_jobs.build_samples import configure, create_session
+    from spark_jobs.impressions import hashed_impressions
+    from spark_jobs.parse import parse_records
+    from spark_jobs.sources import RawFiles, log_fields, read_raw
+
+    source = next(iter(sorted(cfg.paths.raw_dir("impressions", DAY).glob("*.jsonl"))))
+    head = cfg.paths.raw_root.parent / "breakdown" / "impressions" / f"dt={DAY}" / "part-00000.jsonl"
+    if not head.exists():
+        head.parent.mkdir(parents=True, exist_ok=True)
+        with source.open() as src, head.open("w") as dst:
+            for _, text in zip(range(lines), src, strict=False):
+                dst.write(text)
+    sub = load_config(str(cfg.source), overrides=[*cfg.source_overrides(),
+                                                   f"paths.raw_root={head.parent.parent.parent}",
+                                                   f"spark.master={master}", f"spark.driver_memory={driver_memory}"])
+    spark = create_session(sub, "mmn-parse-breakdown")
+    spark.sparkContext.setLogLevel("WARN")
+    configure(spark, sub)
+    fields = log_fields(sub, "impressions")
+    files = RawFiles(sub)
+    raw, _ = read_raw(spark, files, "impressions", [DAY])
+    typed = T.StructType([T.StructField(n, T.StringType() if k != "number" else T.DoubleType())
+                          for n, k in fields.kinds.items()] + [T.StructField("_corrupt_record", T.StringType())])
+    parsed = parse_records(raw, fields, sub.domains.value_pattern,
+                           tolerance_minutes=sub.spark.event_time_tolerance_minutes)
+    steps = {
+        "read text": raw,
+        "typed from_json": raw.select(F.from_json("value", typed, {"mode": "PERMISSIVE"}).alias("j")),
+        "parse_records (every check)": parsed,
+        "hashed_impressions": hashed_impressions(sub, parsed, fields),
+    }
+    out: dict[str, float] = {}
+    try:
+        for name, df in steps.items():
+            started = time.monotonic()
+            df.write.format("noop").mode("overwrite").save()
+            out[name] = round(time.monotonic() - started, 2)
+        cached = steps["hashed_impressions"].persist(StorageLevel.MEMORY_AND_DISK_DESER)
+        started = time.monotonic()
+        cached.count()
+        out["hashed_impressions, cached"] = round(time.monotonic() - started, 2)
+        cached.unpersist()
+    finally:
+        spark.stop()
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impressions", type=int, default=1_000_000)
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--driver-memory", default="4g")
     parser.add_argument("--workdir", help="default: a new temporary folder, removed afterwards")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --workdir: keep the raw logs already there (generated once, read many times)")
+    parser.add_argument("--format", dest="fmt", choices=("jsonl", "jsonl.gz", "parquet"), default="jsonl",
+                        help="the raw logs' format (the generator's --format); the job reads either")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds (Spark, then DuckDB, per round): on a shared machine the "
+                             "per-round ratio is steadier than either time alone")
+    parser.add_argument("--baseline-root", action="append", default=[], metavar="DIR",
+                        help="also run DIR/spark_jobs/build_samples.py in each round (a checkout of another "
+                             "commit), for a lever's gain as a ratio measured under the same load")
+    parser.add_argument("--profile", action="store_true",
+                        help="write Spark's event log under <workdir>/events and print the costliest stages")
+    parser.add_argument("--parse-breakdown", type=int, metavar="LINES",
+                        help="instead of the job: time the impression parse's steps over the first LINES lines "
+                             "(in this process, a local session per pass; --rounds passes)")
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--skip-duckdb", action="store_true")
@@ -213,46 +328,79 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_args = [a for o in overrides for a in ("--set", o)]
     cfg = load_config(config_path, overrides=overrides)  # the job's own config, as it will read it
+    if args.parse_breakdown:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        passes = [parse_breakdown(cfg, args.parse_breakdown, args.master, args.driver_memory)
+                  for _ in range(args.rounds)]
+        result = {"lines": args.parse_breakdown, "load_avg_1m": round(os.getloadavg()[0], 2),
+                  "median_seconds": {k: _median([p[k] for p in passes]) for k in passes[0]}, "passes": passes}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     py = sys.executable
     env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", py),
            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"), "PYTHONPATH": str(REPO_ROOT)}
-    results: dict[str, object] = {"impressions": args.impressions, "master": args.master}
+    results: dict[str, object] = {"impressions": args.impressions, "master": args.master, "format": args.fmt}
+    jobs = {"spark": REPO_ROOT, **{f"baseline{i}": Path(d).resolve() for i, d in enumerate(args.baseline_root)}}
     try:
-        gen_s, gen_peak, _ = run_measured([py, "-m", "simulation.generate_logs", "--start", DAY, "--days", "1",
-                                           "--impressions-per-day", str(args.impressions),
-                                           "--config", config_path, *set_args], env)
-        raw_bytes = sum(p.stat().st_size for p in (work / "raw").rglob("*") if p.is_file())
-        results["generator"] = {"seconds": round(gen_s, 2), "rows_per_s": round(args.impressions / gen_s),
-                                "peak_rss_mb": round(gen_peak / 2**20), "raw_mb": round(raw_bytes / 2**20)}
+        if not (args.reuse and (work / "raw").is_dir()):
+            gen_s, gen_peak, _ = run_measured([py, "-m", "simulation.generate_logs", "--start", DAY, "--days", "1",
+                                               "--impressions-per-day", str(args.impressions), "--format", args.fmt,
+                                               "--config", config_path, *set_args], env)
+            results["generator"] = {"seconds": round(gen_s, 2), "rows_per_s": round(args.impressions / gen_s),
+                                    "peak_rss_mb": round(gen_peak / 2**20)}
+        results["raw_mb"] = round(sum(p.stat().st_size for p in (work / "raw").rglob("*") if p.is_file()) / 2**20)
 
         submit = shutil.which("spark-submit", path=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         conf = {**spark_submit_conf(cfg),
                 "spark.ui.showConsoleProgress": "false"}  # the CLI's and the DAG's settings
-        spark_s, spark_peak, out = run_measured(
-            [submit or "spark-submit", "--master", args.master, "--driver-memory", args.driver_memory,
-             *[a for key, value in conf.items() for a in ("--conf", f"{key}={value}")],
-             str(REPO_ROOT / "spark_jobs" / "build_samples.py"),
-             "--day", DAY, "--config", config_path, *set_args], env)
-        job = re.search(r"in ([0-9.]+)s\n", out)
-        job_s = float(job.group(1)) if job else spark_s
-        phases = re.search(r"phases: (.*)\n", out)
-        manifest = json.loads(cfg.paths.manifest_path(DAY).read_text())
-        results["spark"] = {"wall_seconds": round(spark_s, 2), "job_seconds": round(job_s, 2),
-                            "rows_per_s": round(args.impressions / job_s),
-                            "rows_per_s_incl_startup": round(args.impressions / spark_s),
-                            "peak_rss_mb": round(spark_peak / 2**20), "samples": manifest["outputs"]["samples"],
-                            "phases": phases.group(1) if phases else ""}
-        if not args.skip_duckdb:
-            shutil.rmtree(work / "duckdb", ignore_errors=True)  # a rerun in the same --workdir
-            duck_s, duck_peak, out = run_measured([py, __file__, "--duckdb-child", DAY, str(work / "duckdb"),
-                                                   "--config", config_path, "--master", args.master,
-                                                   *[a for o in args.overrides for a in ("--set", o)],
-                                                   "--workdir", str(work)], env)
-            duck = json.loads(out.strip().splitlines()[-1])
-            results["duckdb"] = {"wall_seconds": round(duck_s, 2), "query_seconds": round(duck["duckdb_seconds"], 2),
-                                 "rows_per_s": round(args.impressions / duck["duckdb_seconds"]),
-                                 "peak_rss_mb": round(duck_peak / 2**20), "samples": duck["rows"]}
-            results["spark_to_duckdb_time_ratio"] = round(job_s / duck["duckdb_seconds"], 2)
+        if args.profile:
+            (work / "events").mkdir(parents=True, exist_ok=True)
+            conf |= {"spark.eventLog.enabled": "true", "spark.eventLog.dir": str(work / "events"),
+                     "spark.eventLog.compress": "false"}
+        rounds: list[dict[str, object]] = []
+        for n in range(args.rounds):
+            entry: dict[str, object] = {"round": n + 1, "load_avg_1m": round(os.getloadavg()[0], 2)}
+            for name, root in jobs.items():
+                spark_s, spark_peak, out = run_measured(
+                    [submit or "spark-submit", "--master", args.master, "--driver-memory", args.driver_memory,
+                     *[a for key, value in conf.items() for a in ("--conf", f"{key}={value}")],
+                     str(root / "spark_jobs" / "build_samples.py"),
+                     "--day", DAY, "--config", config_path, *set_args], {**env, "PYTHONPATH": str(root)})
+                job = re.search(r"in ([0-9.]+)s\n", out)
+                job_s = float(job.group(1)) if job else spark_s
+                phases = re.search(r"phases: (.*)\n", out)
+                manifest = json.loads(cfg.paths.manifest_path(DAY).read_text())
+                entry[name] = {"wall_seconds": round(spark_s, 2), "job_seconds": round(job_s, 2),
+                               "rows_per_s": round(args.impressions / job_s),
+                               "rows_per_s_incl_startup": round(args.impressions / spark_s),
+                               "peak_rss_mb": round(spark_peak / 2**20), "samples": manifest["outputs"]["samples"],
+                               "phases": phases.group(1) if phases else ""}
+                if args.profile:
+                    entry[name]["profile"] = stage_profile(work / "events")
+            if not args.skip_duckdb:
+                shutil.rmtree(work / "duckdb", ignore_errors=True)  # a rerun in the same --workdir
+                duck_s, duck_peak, out = run_measured([py, __file__, "--duckdb-child", DAY, str(work / "duckdb"),
+                                                       "--config", config_path, "--master", args.master,
+                                                       *[a for o in args.overrides for a in ("--set", o)],
+                                                       "--workdir", str(work)], env)
+                duck = json.loads(out.strip().splitlines()[-1])
+                entry["duckdb"] = {"wall_seconds": round(duck_s, 2), "query_seconds": round(duck["duckdb_seconds"], 2),
+                                   "rows_per_s": round(args.impressions / duck["duckdb_seconds"]),
+                                   "peak_rss_mb": round(duck_peak / 2**20), "samples": duck["rows"]}
+                for name in jobs:
+                    entry[f"{name}_to_duckdb"] = round(entry[name]["job_seconds"] / duck["duckdb_seconds"], 2)
+            for name in jobs:
+                if name != "spark":
+                    entry[f"spark_to_{name}"] = round(entry["spark"]["job_seconds"] / entry[name]["job_seconds"], 3)
+            entry["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+            print(json.dumps(entry), flush=True)
+            rounds.append(entry)
+        results["rounds"] = rounds
+        ratios = [k for k in rounds[0] if k.endswith("_to_duckdb") or k.startswith("spark_to_")]
+        results["median"] = {k: _median([float(r[k]) for r in rounds]) for k in ratios}
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
