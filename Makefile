@@ -12,11 +12,12 @@ MMN := $(BIN)/mmn
 cli_var = $(if $(filter command line,$(origin $(1))),$($(1)))
 SERVER_OPTS = $(if $(call cli_var,HOST),--host $(call cli_var,HOST)) $(if $(call cli_var,PORT),--port $(call cli_var,PORT))
 
-.PHONY: help venv java demo test lint mlflow-ui airflow-ui backfill rollback serve clean
+.PHONY: help venv java demo test cluster-test lint mlflow-ui airflow-ui backfill rollback serve clean
 
 help:
 	@echo "make demo        generate 3 days of logs and run the daily DAG for each (embedded mode)"
-	@echo "make test        run the test suite"
+	@echo "make test        run the test suite (the cluster test too, when Java and PostgreSQL are installed)"
+	@echo "make cluster-test  the scale-out stack as native processes: Spark standalone, Postgres, MLflow server, Airflow (docs/deployment.md)"
 	@echo "make mlflow-ui   open the MLflow UI on http://127.0.0.1:5000 (PORT=... to change)"
 	@echo "make airflow-ui  run Airflow standalone (UI on http://127.0.0.1:8080; PORT=... to change)"
 	@echo "make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD   queue a backfill of logical dates (needs a scheduler)"
@@ -42,6 +43,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The compose deployment's services as native processes, two days through them (tests/test_cluster.py);
+# fails instead of skipping when a prerequisite is missing.
+cluster-test: venv
+	MMN_REQUIRE_CLUSTER=1 $(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
 
 lint: venv
 	$(BIN)/ruff check .
