@@ -156,12 +156,6 @@ def build_day(spark: SparkSession, cfg: PipelineConfig, day: str) -> dict[str, A
         timer.lap("parse impressions")
         unique_imps = keep(unique_impressions(cfg, imps, fields["impressions"], types, scenarios, repeated_ids))
         n_unique = unique_imps.count()
-        # What later steps read of the day's impressions is the quarantined ones (lookups, the
-        # quarantine table): keep those alone, so the day's cache no longer holds memory the
-        # joins and the sorted write need.
-        imps = keep(imps.filter(F.col("reason").isNotNull()))
-        imps.count()
-        parsed_imps.unpersist()
         timer.lap("dedupe and hash")
         imp_keys = unique_imps.select(F.col(sample_id_column(cfg)).alias("ref"), F.col(TS).alias("imp_ts"))
 

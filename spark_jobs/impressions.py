@@ -105,13 +105,7 @@ def repeated_impression_ids(imps: DataFrame) -> DataFrame:
     """Ids of valid impressions seen more than once, with ``conflicting``: whether the copies
     differ in content (small: duplicates are rare)."""
     valid = imps.filter(F.col("reason").isNull())
-    # Grouping every id (strings) costs a shuffle and hash map of the whole day; grouping a
-    # 64-bit hash of it first is cheaper, and only the ids whose hash repeats (the repeated
-    # ids and, rarely, a collision) are grouped exactly.
-    id_hash = F.xxhash64("id")
-    repeated_hashes = (valid.groupBy(id_hash.alias("_h")).count().filter(F.col("count") > 1).select("_h"))
-    candidates = valid.join(F.broadcast(repeated_hashes), id_hash == F.col("_h"), "left_semi")
-    return (candidates.groupBy("id")
+    return (valid.groupBy("id")
             .agg(F.count(F.lit(1)).alias("n"),
                  (F.min("fields_hash") != F.max("fields_hash")).alias("conflicting"))
             .filter(F.col("n") > 1).select("id", "conflicting"))

@@ -1,6 +1,6 @@
-"""Two of the build job's shortcuts against their plain definitions, on rows chosen to hit
-their edges: the byte search that spares most lines the trailing-garbage regex, and the
-64-bit-hash prefilter of the repeated-impression-id aggregation.
+"""The build job's trailing-garbage check (a byte search spares most lines its regex) and its
+repeated-impression-id aggregation against their plain definitions, on rows chosen to hit
+their edges.
 """
 
 from __future__ import annotations
