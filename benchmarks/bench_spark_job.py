@@ -233,63 +233,6 @@ def stage_profile(event_dir: Path, top: int = 12) -> dict[str, object]:
             "top": sorted(rows, key=lambda r: -float(r["run_s"]))[:top]}
 
 
-def parse_breakdown(cfg: PipelineConfig, lines: int, master: str, driver_memory: str) -> dict[str, float]:
-    """Seconds of the impression parse stage's steps, each a full pass (a ``noop`` write) over
-    the first ``lines`` lines of day DAY's impressions in one local session, each step adding
-    to the one before: read the text; the typed ``from_json`` alone; every check (the job's
-    ``parse_records``); hashing and the dropped raw columns (``hashed_impressions``); the
-    cache the job builds of it. The differences say where the stage's time goes."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    from spark_jobs.build_samples import configure, create_session
-    from spark_jobs.impressions import hashed_impressions
-    from spark_jobs.parse import parse_records
-    from spark_jobs.sources import RawFiles, log_fields, read_raw
-
-    source = next(iter(sorted(cfg.paths.raw_dir("impressions", DAY).glob("*.jsonl"))))
-    head = cfg.paths.raw_root.parent / "breakdown" / "impressions" / f"dt={DAY}" / "part-00000.jsonl"
-    if not head.exists():
-        head.parent.mkdir(parents=True, exist_ok=True)
-        with source.open() as src, head.open("w") as dst:
-            for _, text in zip(range(lines), src, strict=False):
-                dst.write(text)
-    sub = load_config(str(cfg.source), overrides=[*cfg.source_overrides(),
-                                                   f"paths.raw_root={head.parent.parent.parent}",
-                                                   f"spark.master={master}", f"spark.driver_memory={driver_memory}"])
-    spark = create_session(sub, "mmn-parse-breakdown")
-    spark.sparkContext.setLogLevel("WARN")
-    configure(spark, sub)
-    fields = log_fields(sub, "impressions")
-    files = RawFiles(sub)
-    raw, _ = read_raw(spark, files, "impressions", [DAY])
-    typed = T.StructType([T.StructField(n, T.StringType() if k != "number" else T.DoubleType())
-                          for n, k in fields.kinds.items()] + [T.StructField("_corrupt_record", T.StringType())])
-    parsed = parse_records(raw, fields, sub.domains.value_pattern,
-                           tolerance_minutes=sub.spark.event_time_tolerance_minutes)
-    steps = {
-        "read text": raw,
-        "typed from_json": raw.select(F.from_json("value", typed, {"mode": "PERMISSIVE"}).alias("j")),
-        "parse_records (every check)": parsed,
-        "hashed_impressions": hashed_impressions(sub, parsed, fields),
-    }
-    out: dict[str, float] = {}
-    try:
-        for name, df in steps.items():
-            started = time.monotonic()
-            df.write.format("noop").mode("overwrite").save()
-            out[name] = round(time.monotonic() - started, 2)
-        cached = steps["hashed_impressions"].persist(StorageLevel.MEMORY_AND_DISK_DESER)
-        started = time.monotonic()
-        cached.count()
-        out["hashed_impressions, cached"] = round(time.monotonic() - started, 2)
-        cached.unpersist()
-    finally:
-        spark.stop()
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impressions", type=int, default=1_000_000)
@@ -308,9 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "commit), for a lever's gain as a ratio measured under the same load")
     parser.add_argument("--profile", action="store_true",
                         help="write Spark's event log under <workdir>/events and print the costliest stages")
-    parser.add_argument("--parse-breakdown", type=int, metavar="LINES",
-                        help="instead of the job: time the impression parse's steps over the first LINES lines "
-                             "(in this process, a local session per pass; --rounds passes)")
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--skip-duckdb", action="store_true")
@@ -328,17 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_args = [a for o in overrides for a in ("--set", o)]
     cfg = load_config(config_path, overrides=overrides)  # the job's own config, as it will read it
-    if args.parse_breakdown:
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        passes = [parse_breakdown(cfg, args.parse_breakdown, args.master, args.driver_memory)
-                  for _ in range(args.rounds)]
-        result = {"lines": args.parse_breakdown, "load_avg_1m": round(os.getloadavg()[0], 2),
-                  "median_seconds": {k: _median([p[k] for p in passes]) for k in passes[0]}, "passes": passes}
-        print(json.dumps(result, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        return 0
     py = sys.executable
     env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", py),
            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"), "PYTHONPATH": str(REPO_ROOT)}
